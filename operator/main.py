@@ -1,0 +1,1 @@
+"""kopf wiring of the WeightSync operator."""

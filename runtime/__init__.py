@@ -1,0 +1,1 @@
+"""The in-pod runtime: rendezvous, communicators and the packed weight broadcast."""

@@ -1,0 +1,1 @@
+"""The WeightSync custom resource: pydantic models that are the CRD's single source of truth."""
