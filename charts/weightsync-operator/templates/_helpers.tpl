@@ -1,0 +1,137 @@
+{{/*
+Names, labels, the operator's RBAC rules and the checks on values that the JSON schema cannot express.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "weightsync-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* `<release>-<chart>` (or the release name alone when it already contains the chart name), or fullnameOverride. */}}
+{{- define "weightsync-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "weightsync-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the operator's pods; never change them (a Deployment's selector is immutable). */}}
+{{- define "weightsync-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "weightsync-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Labels on every object of the chart. */}}
+{{- define "weightsync-operator.labels" -}}
+helm.sh/chart: {{ include "weightsync-operator.chart" . }}
+{{ include "weightsync-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: weightsync
+{{- end }}
+
+{{/* The ServiceAccount the operator runs as. */}}
+{{- define "weightsync-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "weightsync-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image, by digest when one is given. */}}
+{{- define "weightsync-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The name of kopf's peering object: fixed, the operator uses it (`--peering weightsync-operator`). */}}
+{{- define "weightsync-operator.peeringName" -}}
+weightsync-operator
+{{- end }}
+
+{{/*
+RBAC. These are the rules of the operator's code, `REQUIRED_RULES` in operator/rbac.py: a unit test
+(tests/unit/test_chart_rbac.py) fails when they differ, and an integration test fails on any rule here
+that the operator did not use during a full reconcile (read from the API server's audit log).
+
+"weightsync-operator.namespacedRules": on objects in the watched namespaces. Bound by a ClusterRole when
+all namespaces are watched, by a Role in each namespace otherwise.
+*/}}
+{{- define "weightsync-operator.namespacedRules" -}}
+# The WeightSync objects: kopf lists and watches them and patches its finalizer and progress annotations.
+- apiGroups: ["weightsync.dev"]
+  resources: ["weightsyncs"]
+  verbs: ["get", "list", "watch", "patch"]
+# Their status (phase, conditions, members, epoch).
+- apiGroups: ["weightsync.dev"]
+  resources: ["weightsyncs/status"]
+  verbs: ["get", "patch"]
+# The trainer and inference pods: created, watched, annotated with the epoch, deleted on scale-down.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The headless Service of each group.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The Secret holding each group's token.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create"]
+# The per-group Role and RoleBinding that let the trainer patch its own pod's sync report annotation.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
+# Events about every decision.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if and .Values.peering.enabled .Values.watchNamespaces }}
+# kopf peering, one KopfPeering per watched namespace: the replicas' keep-alives.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+
+{{/*
+"weightsync-operator.clusterRules": on cluster-scoped objects, always bound by a ClusterRole.
+*/}}
+{{- define "weightsync-operator.clusterRules" -}}
+# kopf discovers the WeightSync CRD and notices when it is (re)installed.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
+# kopf peering, cluster-wide: the replicas' keep-alives.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+
+{{/* Checks across values that values.schema.json cannot state clearly; each fails with the fix. */}}
+{{- define "weightsync-operator.validate" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) }}
+{{- fail (printf "replicas=%d needs peering.enabled=true: without kopf peering every replica would act on every WeightSync" (int .Values.replicas)) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled=true needs metrics.service.enabled=true: the ServiceMonitor selects the metrics Service" }}
+{{- end }}
+{{- end }}
