@@ -1,1 +1,32 @@
-"""The in-pod runtime: rendezvous, communicators and the packed weight broadcast."""
+"""The in-pod runtime: form the sync group and stream packed weights from the trainer to inference workers.
+
+    from weightsync.runtime import WeightSender, WeightReceiver
+
+    sender = WeightSender.from_env()                 # in the trainer pod
+    report = sender.send(model.named_parameters(), version=step)
+
+    receiver = WeightReceiver.from_env(local_rank=k) # in each inference worker
+    report = receiver.receive(into=dict(model.named_parameters()))
+"""
+
+from weightsync.runtime.errors import (
+    ChecksumError,
+    ConfigMismatchError,
+    PeerLostError,
+    RendezvousError,
+    WeightSyncError,
+)
+from weightsync.runtime.receiver import WeightReceiver
+from weightsync.runtime.report import SyncReport
+from weightsync.runtime.sender import WeightSender
+
+__all__ = [
+    "ChecksumError",
+    "ConfigMismatchError",
+    "PeerLostError",
+    "RendezvousError",
+    "SyncReport",
+    "WeightReceiver",
+    "WeightSender",
+    "WeightSyncError",
+]

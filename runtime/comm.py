@@ -1,0 +1,120 @@
+"""Communicators: move buffers between members, nothing else.
+
+Both backends expose the same small interface so that the sender and receiver above them are one code
+path: broadcasts are enqueued on the communicator's "comm" lane, packing and unpacking run on the "compute"
+lane, and `Fence`s order the two without host synchronisation where the device allows it (CUDA events on
+NCCL; on gloo the compute lane is the host itself, so waiting on a fence is a bounded host wait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from weightsync.runtime.errors import WeightSyncError
+
+#: Called while waiting; raises (PeerLostError, TimeoutError) to stop the wait.
+Check = Callable[[], None]
+
+
+class Fence(Protocol):
+    def query(self) -> bool: ...
+
+
+class Communicator(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    transport: str
+
+    def start(self) -> None: ...
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None: ...
+    def comm_fence(self) -> Fence: ...
+    def compute_fence(self) -> Fence | None: ...
+    def comm_wait(self, fence: Fence | None) -> None: ...
+    def compute_wait(self, fence: Fence | None, check: Check) -> None: ...
+    def compute_lane(self) -> contextlib.AbstractContextManager[None]: ...
+    def finish(self, check: Check) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _WorkFence:
+    def __init__(self, work: dist.Work | None) -> None:
+        self.work = work
+
+    def query(self) -> bool:
+        return self.work is None or bool(self.work.is_completed())
+
+
+def host_wait(fence: Fence | None, check: Check, on_error: Callable[[], None] | None = None) -> None:
+    """Poll `fence` until done, running `check` between polls (it raises on a dead peer or a timeout)."""
+    if fence is None:
+        return
+    pause = 0.0002
+    while not fence.query():
+        check()
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    if isinstance(fence, _WorkFence) and fence.work is not None:
+        try:
+            fence.work.wait()  # surfaces an error the work finished with
+        except RuntimeError as err:
+            if on_error is not None:
+                on_error()
+            raise WeightSyncError(f"gloo broadcast failed: {err}") from err
+
+
+class GlooCommunicator:
+    """gloo on CPU, built on the rendezvous store; never touches torch.distributed's default group."""
+
+    transport = "gloo/tcp"
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device("cpu")
+        self._pg = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout))
+        self._last: dist.Work | None = None
+        self._check_on_error: Check | None = None
+
+    def start(self) -> None:
+        return None
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None:
+        if tensor.numel() == 0:
+            return
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        self._last = self._pg.broadcast([tensor], opts)
+
+    def comm_fence(self) -> Fence:
+        return _WorkFence(self._last)
+
+    def compute_fence(self) -> Fence | None:
+        return None  # compute on the host is synchronous
+
+    def comm_wait(self, fence: Fence | None) -> None:
+        return None  # gloo runs its works in order; host compute already happened
+
+    def compute_wait(self, fence: Fence | None, check: Check) -> None:
+        host_wait(fence, check, on_error=check)
+
+    @contextlib.contextmanager
+    def compute_lane(self) -> Iterator[None]:
+        yield
+
+    def finish(self, check: Check) -> None:
+        host_wait(self.comm_fence(), check, on_error=check)
+
+    def abort(self) -> None:
+        self._pg = None  # type: ignore[assignment]  # gloo works cannot be cancelled; drop the group
+
+    def close(self) -> None:
+        self._pg = None  # type: ignore[assignment]

@@ -1,0 +1,150 @@
+"""An inference worker's side: `WeightReceiver.receive(loader=... | into=...)`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from weightsync.contract import MemberEnv
+from weightsync.runtime.errors import ChecksumError, ConfigMismatchError
+from weightsync.runtime.group import SyncGroup
+from weightsync.runtime.manifest import Manifest
+from weightsync.runtime.plan import Plan, TensorSpec
+from weightsync.runtime.report import SyncReport
+from weightsync.runtime.transfer import Buffers, ChecksumAccumulator, Loader, receive_chunks, spec_of
+
+log = logging.getLogger("weightsync.runtime")
+
+_MANIFEST_POLL_SECONDS = 0.005
+
+
+class WeightReceiver:
+    """One inference worker (rank = the pod's rank offset + `local_rank`)."""
+
+    def __init__(self, env: MemberEnv, *, local_rank: int = 0, device: torch.device | str | None = None,
+                 heartbeat_interval: float = 0.5, dead_after: float | None = None) -> None:
+        if env.role != "inference":
+            raise ValueError(f"WeightReceiver runs in inference pods; WEIGHTSYNC_ROLE is {env.role!r}")
+        self.env = env
+        self.group = SyncGroup(env, local_rank, device, heartbeat_interval, dead_after)
+        self.buffers = Buffers()
+        self._plans: dict[str, Plan] = {}
+        self._previous: dict[str, TensorSpec] = {}
+        self.last_report: SyncReport | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightReceiver:
+        return cls(MemberEnv.from_env(environ), **kwargs)
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None) -> list[str]:
+        problems = self.group.transfer.differences(manifest.config)
+        for spec in manifest.tensors:
+            if into is not None:
+                target = into.get(spec.name)
+                if target is None:
+                    problems.append(f"tensor {spec.name!r} has no destination here")
+                    continue
+                mine = spec_of(spec.name, target)
+                if (mine.dtype, mine.shape) != (spec.dtype, spec.shape):
+                    problems.append(f"tensor {spec.name!r}: trainer sends {spec.dtype}{list(spec.shape)}, "
+                                    f"destination is {mine.dtype}{list(mine.shape)}")
+            else:
+                before = self._previous.get(spec.name)
+                if before is not None and (before.dtype, before.shape) != (spec.dtype, spec.shape):
+                    problems.append(f"tensor {spec.name!r} changed from {before.dtype}{list(before.shape)} to "
+                                    f"{spec.dtype}{list(spec.shape)} since the last sync")
+        return problems
+
+    def _wait_for_manifest(self, timeout: float | None) -> tuple[int, Manifest]:
+        """Wait for the trainer's next sync, re-forming the group if the epoch moves on meanwhile.
+
+        With no timeout the wait lasts as long as the trainer is alive: a dead trainer is an error, a busy
+        one (a long training step) is not.
+        """
+        group = self.group
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            group.ensure_formed()
+            seq = group.seq
+            key = f"sync/{seq}/manifest"
+            check = group.checker("the wait for the next sync", deadline)
+            epoch = group.epoch
+            assert group.keys is not None
+            while not group.keys.has(key):
+                if group.current_epoch() != epoch:
+                    break
+                group.run_guarded("the wait for the next sync", check)
+                time.sleep(_MANIFEST_POLL_SECONDS)
+            else:
+                return seq, Manifest.from_json(group.keys.store.get(key))
+
+    def receive(self, loader: Loader | None = None, *, into: Mapping[str, torch.Tensor] | None = None,
+                timeout: float | None = None) -> SyncReport:
+        """Receive the next sync.
+
+        Give either `loader`, called with batches of (name, tensor) like vLLM's `load_weights` (the tensors
+        are views into reused buffers, valid during the call), or `into`, a mapping of name to destination
+        tensor that is written in place. `timeout` bounds the wait for the trainer to start the sync.
+        """
+        if (loader is None) == (into is None):
+            raise ValueError("pass exactly one of `loader` or `into`")
+        group = self.group
+        seq, manifest = self._wait_for_manifest(timeout)
+        group.seq += 1
+        started = time.perf_counter()
+        deadline = time.monotonic() + group.timeout
+        version = manifest.version
+
+        def body() -> SyncReport:
+            problems = self._problems(manifest, into)
+            group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
+            group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
+            refused = group.get(f"sync/{seq}/go")["problems"]
+            if refused:
+                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
+            plan = self._plans.get(manifest.signature())
+            if plan is None:
+                plan = self._plans[manifest.signature()] = manifest.plan()
+            views = self.buffers.prepare(plan, manifest.tensors, manifest.signature(), manifest.config.num_buffers,
+                                         group.device)
+            sums = ChecksumAccumulator(bool(manifest.checksums), {})
+            receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,  # type: ignore[arg-type]
+                           into, loader, sums, group.checker(f"sync v{version}", deadline))
+            got = sums.fetch(len(manifest.tensors))
+            errors = [f"tensor {manifest.tensors[i].name!r} checksum {g} != trainer's {w}"
+                      for i, (g, w) in enumerate(zip(got, manifest.checksums, strict=False)) if g != w]
+            group.put(f"sync/{seq}/ack/{self.rank}", {"errors": errors[:20]})
+            if errors:
+                raise ChecksumError(f"sync v{version} arrived corrupted at rank {self.rank}: " + "; ".join(errors[:5]))
+            # A sync counts only once every member has it: wait for the trainer's word on the others.
+            group.wait_all([f"sync/{seq}/done"], deadline, f"the trainer's confirmation of v{version}")
+            bad = group.get(f"sync/{seq}/done")["problems"]
+            if bad:
+                raise ChecksumError(f"sync v{version} arrived corrupted elsewhere: " + "; ".join(bad))
+            assert group.comm is not None and group.epoch is not None
+            return SyncReport.make(version, len(manifest.tensors), plan.total_bytes, time.perf_counter() - started,
+                                   (self.rank,), group.comm.transport, group.epoch)
+
+        report: SyncReport = group.run_guarded(f"sync v{version}", body)
+        self._previous = {t.name: t for t in manifest.tensors}
+        log.info(report.summary())
+        self.last_report = report
+        return report
+
+    def close(self) -> None:
+        self.group.close()
+
+    def __enter__(self) -> WeightReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,168 @@
+"""Rendezvous through a TCPStore that the trainer hosts, independent of any torch.distributed group.
+
+Keys live under a prefix derived from the group's secret token and the epoch, so a stale member of an
+older epoch or of another group cannot collide with this one. Values are JSON or plain integers: nothing
+read from the store is ever unpickled. Every wait is bounded, and liveness is tracked with heartbeat
+counters so that a member that died is named instead of being waited for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from weightsync.runtime.errors import PeerLostError, RendezvousError
+
+log = logging.getLogger("weightsync.runtime")
+
+TRAINER_RANK = 0
+_POLL_SECONDS = 0.05
+
+
+def key_prefix(token: str, epoch: int, name: str = "") -> str:
+    digest = hashlib.sha256(f"{name}\0{token}\0{epoch}".encode()).hexdigest()[:20]
+    return f"weightsync/{digest}/"
+
+
+def connect_store(host: str, port: int, is_host: bool, timeout: float) -> dist.TCPStore:
+    """Host the store (the trainer) or connect to it, retrying until `timeout`.
+
+    A resolvable DNS name is not yet a listening port: the trainer pod may still be starting, so joiners
+    keep retrying until their deadline and then name the address they could not reach.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return dist.TCPStore(
+                host, port, is_master=is_host, timeout=timedelta(seconds=max(remaining, 1.0)),
+                wait_for_workers=False, use_libuv=True,
+            )
+        except (RuntimeError, OSError, ValueError) as err:  # refused, unresolvable, timed out
+            if is_host:
+                raise RendezvousError(f"cannot host the rendezvous store on port {port}: {err}") from err
+            last_error = err
+        if time.monotonic() >= deadline:
+            raise RendezvousError(
+                f"rank 0 (the trainer) is unreachable: no rendezvous store at {host}:{port} "
+                f"after {timeout:.0f}s ({last_error})",
+                missing_ranks=(TRAINER_RANK,),
+            )
+        time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+
+
+class KeyStore:
+    """A prefixed view of the store with JSON values and bounded waits."""
+
+    def __init__(self, store: dist.Store, prefix: str) -> None:
+        self.raw = store
+        self.store = dist.PrefixStore(prefix, store)
+        self.prefix = prefix
+
+    def put(self, key: str, value: Any) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def get(self, key: str) -> Any:
+        return json.loads(self.store.get(key))
+
+    def has(self, key: str) -> bool:
+        return bool(self.store.check([key]))
+
+    def add(self, key: str, amount: int) -> int:
+        return int(self.store.add(key, amount))
+
+    def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None]) -> None:
+        """Wait until every key exists; `on_poll` runs between polls and may raise.
+
+        Polls with `check` rather than the store's blocking wait: a blocking wait cannot be interrupted
+        when a peer dies, and short blocking waits flood the log with c10d time-out warnings.
+        """
+        pending = list(keys)
+        pause = 0.001
+        while pending:
+            pending = [k for k in pending if not self.has(k)]
+            if not pending:
+                return
+            on_poll()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(", ".join(pending))
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_SECONDS)
+
+
+@dataclass
+class Liveness:
+    """Heartbeats: every member bumps its counter; a counter that stops moving marks a dead member.
+
+    Heartbeats use a store connection of their own, so a long blocking wait on the main connection never
+    delays them, and a store that stops answering (the trainer hosts it) marks rank 0 as dead.
+    """
+
+    store: KeyStore
+    rank: int
+    world_size: int
+    interval: float
+    dead_after: float
+    _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _store_failed_at: float | None = None
+
+    def start(self) -> None:
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"weightsync-heartbeat-{self.rank}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval + 1)
+
+    def _beat(self) -> None:
+        self.store.add(f"hb/{self.rank}", 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+                self._store_failed_at = None
+            except Exception:  # the store's host is gone: dead_ranks() reports rank 0
+                if self._store_failed_at is None:
+                    self._store_failed_at = time.monotonic()
+
+    def dead_ranks(self, ranks: Iterable[int] | None = None) -> tuple[int, ...]:
+        """Members whose heartbeat has not moved for `dead_after` seconds."""
+        now = time.monotonic()
+        if self._store_failed_at is not None and now - self._store_failed_at >= min(self.dead_after, 1.0):
+            return (TRAINER_RANK,)
+        dead = []
+        for r in range(self.world_size) if ranks is None else ranks:
+            if r == self.rank:
+                continue
+            try:
+                count = self.store.add(f"hb/{r}", 0)
+            except Exception:
+                return (TRAINER_RANK,)
+            last = self._seen.get(r)
+            if last is None or last[0] != count:
+                self._seen[r] = (count, now)
+            elif now - last[1] >= self.dead_after:
+                dead.append(r)
+        return tuple(dead)
+
+    def raise_if_dead(self, what: str, describe: Callable[[int], str], ranks: Iterable[int] | None = None) -> None:
+        dead = self.dead_ranks(ranks)
+        if dead:
+            names = ", ".join(describe(r) for r in dead)
+            raise PeerLostError(f"{names} stopped responding during {what} "
+                                f"(no heartbeat for {self.dead_after:.1f}s)", ranks=dead)

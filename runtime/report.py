@@ -1,0 +1,89 @@
+"""The sync report, and its trip to the WeightSync's status.
+
+The trainer patches one annotation on its own pod (it is granted `patch` on that pod alone); the operator
+copies it into `status.lastSync`. Posting runs on a background thread and never delays a sync.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from weightsync.contract import LAST_SYNC_ANNOTATION
+
+log = logging.getLogger("weightsync.runtime")
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    version: int
+    tensors: int
+    bytes: int
+    seconds: float
+    gbps: float
+    acked: tuple[int, ...]
+    transport: str
+    epoch: int
+    time: str
+
+    @classmethod
+    def make(cls, version: int, tensors: int, nbytes: int, seconds: float, acked: tuple[int, ...],
+             transport: str, epoch: int) -> SyncReport:
+        gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return cls(version, tensors, nbytes, round(seconds, 6), round(gbps, 3), acked, transport, epoch, stamp)
+
+    def summary(self) -> str:
+        return (f"sync v{self.version}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.3f}s "
+                f"= {self.gbps:.2f} GB/s over {self.transport} to {len(self.acked)} members (epoch {self.epoch})")
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["acked"] = list(self.acked)
+        return json.dumps(doc, separators=(",", ":"))
+
+
+class PodAnnotator:
+    """Posts reports onto the trainer's own pod through the Kubernetes API, when running in a pod."""
+
+    def __init__(self, namespace: str, pod: str) -> None:
+        self.namespace = namespace
+        self.pod = pod
+        self._warned = False
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
+
+    def post(self, report: SyncReport) -> None:
+        threading.Thread(target=self._post, args=(report,), name="weightsync-report", daemon=True).start()
+
+    def _post(self, report: SyncReport) -> None:
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if ":" in host:
+            host = f"[{host}]"
+        url = f"https://{host}:{port}/api/v1/namespaces/{self.namespace}/pods/{self.pod}"
+        body = json.dumps({"metadata": {"annotations": {LAST_SYNC_ANNOTATION: report.to_json()}}}).encode()
+        request = urllib.request.Request(url, data=body, method="PATCH", headers={
+            "Authorization": f"Bearer {(SERVICE_ACCOUNT_DIR / 'token').read_text().strip()}",
+            "Content-Type": "application/merge-patch+json",
+        })
+        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
+        try:
+            with self._lock, urllib.request.urlopen(request, context=context, timeout=10):
+                pass
+        except Exception as err:  # reporting is best effort; the sync itself succeeded
+            if not self._warned:
+                log.warning("could not post the sync report to pod %s/%s: %s", self.namespace, self.pod, err)
+                self._warned = True

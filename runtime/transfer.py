@@ -1,0 +1,173 @@
+"""The data path of one sync: pack, broadcast and unpack chunks according to the plan.
+
+The same code runs on gloo and on NCCL; the communicator decides whether a fence is a CUDA event (no host
+synchronisation until the very end) or a host wait. Views into the packing buffers are computed once per
+tensor set and reused for every later sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from weightsync.runtime.comm import Check, Communicator, Fence
+from weightsync.runtime.plan import Plan, TensorSpec
+
+TRAINER_RANK = 0
+
+#: A receiver's loader: gets each batch of (name, tensor); the tensors are only valid during the call.
+Loader = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), tensor.element_size())
+
+
+def dtype_of(spec: TensorSpec) -> torch.dtype:
+    dtype = getattr(torch, spec.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype!r}, which this torch does not know")
+    return dtype
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (0-d and bool included)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+class Buffers:
+    """The packing buffers and, per tensor set, the views of every slot, both made once and reused."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self._views: dict[tuple[str, str], list[list[torch.Tensor]]] = {}
+
+    def prepare(self, plan: Plan, specs: Sequence[TensorSpec], signature: str, num_buffers: int,
+                device: torch.device) -> list[list[torch.Tensor]]:
+        """Buffers big enough for the plan's largest packed chunk; returns the slot views per chunk."""
+        need = max((c.nbytes for c in plan.chunks if c.kind == "packed"), default=0)
+        count = num_buffers if plan.packed_chunks else 0
+        if (len(self.buffers) != count or (count and self.buffers[0].numel() < need)
+                or (count and self.buffers[0].device != device)):
+            self.buffers = [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(count)]
+            self._views.clear()
+        key = (signature, str(device))
+        views = self._views.get(key)
+        if views is None:
+            views = []
+            packed_index = 0
+            for chunk in plan.chunks:
+                if chunk.kind != "packed":
+                    views.append([])
+                    continue
+                buf = self.buffers[packed_index % count]
+                packed_index += 1
+                views.append([
+                    buf[s.offset:s.offset + s.nbytes].view(dtype_of(specs[s.index])).view(specs[s.index].shape)
+                    for s in chunk.slots
+                ])
+            self._views[key] = views
+        return views
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+
+@dataclass
+class ChecksumAccumulator:
+    """Per-tensor checksums computed on the device, fetched once at the end of the sync."""
+
+    enabled: bool
+    values: dict[int, torch.Tensor]
+
+    def add(self, index: int, tensor: torch.Tensor) -> None:
+        if self.enabled:
+            self.values[index] = checksum(tensor)
+
+    def fetch(self, count: int) -> list[int]:
+        return [int(self.values[i].item()) for i in range(count)] if self.enabled else []
+
+
+_WEIGHT_PERIOD = 65521
+_BLOCK = _WEIGHT_PERIOD * 256
+_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """A position-sensitive checksum of a tensor's bytes (a 0-d int64 tensor on its device)."""
+    data = as_bytes(tensor.contiguous())
+    device = data.device
+    weights = _weights.get(device)
+    if weights is None:
+        weights = _weights[device] = torch.arange(_BLOCK, device=device, dtype=torch.int32) % _WEIGHT_PERIOD + 1
+    total = torch.zeros((), dtype=torch.int64, device=device) + data.numel()
+    for start in range(0, data.numel(), _BLOCK):
+        block = data[start:start + _BLOCK]
+        total += (block.to(torch.int32) * weights[: block.numel()]).sum(dtype=torch.int64)
+    return total
+
+
+def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
+                views: list[list[torch.Tensor]], buffers: list[torch.Tensor], check: Check) -> None:
+    comm.start()
+    free_after: list[Fence | None] = [None] * len(buffers)
+    packed_index = 0
+    for chunk, chunk_views in zip(plan.chunks, views, strict=True):
+        if chunk.kind == "direct":
+            source = sources[chunk.slots[0].index]
+            if not source.is_contiguous() or source.device != comm.device:
+                with comm.compute_lane():
+                    source = source.to(comm.device).contiguous()
+                comm.comm_wait(comm.compute_fence())
+            comm.broadcast(as_bytes(source), TRAINER_RANK)
+            continue
+        b = packed_index % len(buffers)
+        packed_index += 1
+        comm.compute_wait(free_after[b], check)
+        with comm.compute_lane():
+            torch._foreach_copy_(chunk_views, [sources[s.index] for s in chunk.slots])
+        comm.comm_wait(comm.compute_fence())
+        comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        free_after[b] = comm.comm_fence()
+    comm.finish(check)
+
+
+def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
+                   buffers: list[torch.Tensor], destinations: Mapping[str, torch.Tensor] | None,
+                   loader: Loader | None, checksums: ChecksumAccumulator, check: Check) -> None:
+    comm.start()
+    reusable_after: list[Fence | None] = [None] * len(buffers)
+    packed_index = 0
+    for chunk, chunk_views in zip(plan.chunks, views, strict=True):
+        if chunk.kind == "direct":
+            spec = specs[chunk.slots[0].index]
+            target = destinations.get(spec.name) if destinations is not None else None
+            direct_ok = target is not None and target.is_contiguous() and target.device == comm.device
+            landing = target if direct_ok and target is not None else torch.empty(
+                spec.shape, dtype=dtype_of(spec), device=comm.device)
+            comm.broadcast(as_bytes(landing), TRAINER_RANK)
+            comm.compute_wait(comm.comm_fence(), check)
+            with comm.compute_lane():
+                checksums.add(chunk.slots[0].index, landing)
+                if target is not None and not direct_ok:
+                    target.copy_(landing)
+                elif loader is not None:
+                    loader([(spec.name, landing)])
+            continue
+        b = packed_index % len(buffers)
+        packed_index += 1
+        comm.comm_wait(reusable_after[b])
+        comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        comm.compute_wait(comm.comm_fence(), check)
+        with comm.compute_lane():
+            for slot, view in zip(chunk.slots, chunk_views, strict=True):
+                checksums.add(slot.index, view)
+            if destinations is not None:
+                torch._foreach_copy_([destinations[specs[s.index].name] for s in chunk.slots], chunk_views)
+            elif loader is not None:
+                loader([(specs[s.index].name, v) for s, v in zip(chunk.slots, chunk_views, strict=True)])
+        reusable_after[b] = comm.compute_fence()
+    comm.finish(check)
