@@ -1,0 +1,233 @@
+"""The node agent: registers `sandbox-node-0` and runs the pods bound to it as local processes.
+
+    python -m weightsync.sandbox.agent --state-dir DIR --kubeconfig FILE --api-host IP --api-port PORT
+
+Threads: one watches this node's pods (field selector spec.nodeName), one watches Services (for the pods'
+hosts files), one posts node heartbeats and the Lease, and every pod has its own worker thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from weightsync.sandbox import network, node, procs
+from weightsync.sandbox.kubeclient import ApiError, KubeClient
+from weightsync.sandbox.podspec import Obj, render_hosts
+from weightsync.sandbox.podworker import AgentContext, PodWorker
+
+HEARTBEAT_S = 10.0
+WATCH_S = 60
+
+
+def _log(message: str) -> None:
+    print(f"[node-agent {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.client = KubeClient.from_kubeconfig(Path(args.kubeconfig))
+        self.node_name: str = args.node_name
+        self.api_host: str = args.api_host
+        self.subnet = network.Subnet.from_env()
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.pods: dict[str, Obj] = {}
+        self.services: dict[tuple[str, str], Obj] = {}
+        self.workers: dict[str, PodWorker] = {}
+        self.used_ips: set[str] = set()
+        self.ctx = AgentContext(
+            client=self.client,
+            node_name=self.node_name,
+            node_ip=args.api_host,
+            state_dir=Path(args.state_dir),
+            subnet=self.subnet,
+            api_host=args.api_host,
+            api_port=int(args.api_port),
+            python=sys.executable,
+            venv_bin=str(Path(sys.executable).parent),
+            backoff_base_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_BASE_S", "2")),
+            backoff_cap_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_CAP_S", "60")),
+            hosts_for=self.hosts_for,
+            release_ip=self.release_ip,
+        )
+
+    # -- shared state -------------------------------------------------------------------------------
+    def hosts_for(self, pod: Obj) -> str:
+        with self.lock:
+            pods = []
+            for uid, cached in self.pods.items():
+                worker = self.workers.get(uid)
+                if worker is not None and not worker.host_network:
+                    cached = {**cached, "status": {**cached.get("status", {}), "podIP": worker.pod_ip}}  # noqa: PLW2901
+                pods.append(cached)
+            services = list(self.services.values())
+        text: str = render_hosts(pod, pods, services, self.api_host)
+        return text
+
+    def allocate_ip(self) -> str:
+        with self.lock:
+            address: str
+            for address in self.subnet.pod_addresses():
+                if address not in self.used_ips:
+                    self.used_ips.add(address)
+                    return address
+        raise RuntimeError(f"no free pod address left in {self.subnet.network}")
+
+    def release_ip(self, address: str) -> None:
+        with self.lock:
+            self.used_ips.discard(address)
+
+    # -- pods ---------------------------------------------------------------------------------------
+    def on_pod(self, pod: Obj) -> None:
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            self.pods[uid] = pod
+            worker = self.workers.get(uid)
+        if worker is not None and not worker.finished.is_set():
+            worker.update(pod)
+            return
+        if worker is not None:
+            return  # finished: its final delete is on the way
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            self._final_delete(pod)
+            return
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        address = self.subnet.gateway if pod["spec"].get("hostNetwork") else self.allocate_ip()
+        worker = PodWorker(self.ctx, pod, address)
+        with self.lock:
+            self.workers[uid] = worker
+        _log(f"starting pod {meta['namespace']}/{meta['name']} at {address}")
+        worker.start()
+
+    def on_pod_gone(self, uid: str) -> None:
+        with self.lock:
+            self.pods.pop(uid, None)
+            worker = self.workers.get(uid)
+        if worker is not None:
+            worker.mark_gone()
+
+    def _final_delete(self, pod: Obj) -> None:
+        meta = pod["metadata"]
+        try:
+            self.client.delete(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+            )
+        except ApiError as e:
+            if e.status not in (404, 409):
+                _log(f"final delete of {meta['namespace']}/{meta['name']} failed: {e}")
+
+    def reap(self) -> None:
+        with self.lock:
+            for uid, worker in list(self.workers.items()):
+                if worker.finished.is_set() and uid not in self.pods:
+                    del self.workers[uid]
+
+    # -- loops --------------------------------------------------------------------------------------
+    def _loop(self, name: str, body: Callable[[], None], pause: float) -> None:
+        while not self.stop_event.is_set():
+            try:
+                body()
+            except Exception:
+                _log(f"{name}: {traceback.format_exc().strip().splitlines()[-1]}")
+                self.stop_event.wait(1.0)
+                continue
+            self.stop_event.wait(pause)
+
+    def watch_pods(self) -> None:
+        params = {"fieldSelector": f"spec.nodeName={self.node_name}"}
+        listing = self.client.get("/api/v1/pods", params)
+        current = {p["metadata"]["uid"]: p for p in listing["items"]}
+        with self.lock:
+            vanished = [uid for uid in self.pods if uid not in current]
+        for uid in vanished:
+            self.on_pod_gone(uid)
+        for pod in current.values():
+            self.on_pod(pod)
+        self.reap()
+        for kind, obj in self.client.watch(
+            "/api/v1/pods", listing["metadata"]["resourceVersion"], params, timeout_s=WATCH_S
+        ):
+            if self.stop_event.is_set() or kind == "ERROR":
+                return
+            if kind == "DELETED":
+                self.on_pod_gone(obj["metadata"]["uid"])
+            elif kind in ("ADDED", "MODIFIED"):
+                self.on_pod(obj)
+            self.reap()
+
+    def watch_services(self) -> None:
+        listing = self.client.get("/api/v1/services")
+        with self.lock:
+            self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in listing["items"]}
+        for kind, obj in self.client.watch(
+            "/api/v1/services", listing["metadata"]["resourceVersion"], timeout_s=WATCH_S
+        ):
+            if self.stop_event.is_set() or kind == "ERROR":
+                return
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            with self.lock:
+                if kind == "DELETED":
+                    self.services.pop(key, None)
+                elif kind in ("ADDED", "MODIFIED"):
+                    self.services[key] = obj
+
+    def heartbeat(self) -> None:
+        node.heartbeat(self.client, self.node_name, self.api_host)
+
+    # -- main ---------------------------------------------------------------------------------------
+    def run(self) -> None:
+        for netns in network.list_sandbox_netns():  # left by an agent that did not stop cleanly
+            _log(f"removing leftover network namespace {netns}")
+            for pid in network.netns_pids(netns):
+                procs.kill_group(pid, signal.SIGKILL)
+            network.delete_netns(netns)
+        node.register(self.client, self.node_name, self.api_host)
+        _log(f"registered node {self.node_name}")
+        threads = [
+            threading.Thread(target=self._loop, args=("pods", self.watch_pods, 0.0), daemon=True),
+            threading.Thread(target=self._loop, args=("services", self.watch_services, 0.0), daemon=True),
+            threading.Thread(target=self._loop, args=("heartbeat", self.heartbeat, HEARTBEAT_S), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        self.stop_event.wait()
+        _log("stopping: killing every pod's processes")
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            w.stop()
+        for w in workers:
+            w.finished.wait(30)
+        _log("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="weightsync.sandbox.agent", description=__doc__)
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--node-name", default="sandbox-node-0")
+    parser.add_argument("--api-host", required=True)
+    parser.add_argument("--api-port", required=True)
+    agent = Agent(parser.parse_args(argv))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+
+
+if __name__ == "__main__":
+    main()

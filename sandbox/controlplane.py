@@ -1,0 +1,312 @@
+"""`Sandbox`: starts, reuses, reports on and stops the local control plane and its node agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightsync.sandbox import certs, network, procs
+from weightsync.sandbox.components import (
+    AUDIT_POLICY,
+    Layout,
+    Ports,
+    apiserver_argv,
+    controller_manager_argv,
+    etcd_argv,
+    scheduler_argv,
+)
+from weightsync.sandbox.kubeclient import ApiError, KubeClient
+from weightsync.sandbox.kubeconfig import write_kubeconfig
+from weightsync.sandbox.paths import build_binaries, default_state_dir
+from weightsync.sandbox.ports import free_port
+from weightsync.sandbox.waiting import wait_for
+
+NODE_NAME = "sandbox-node-0"
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+AGENT = "node-agent"
+STARTUP_TIMEOUT_S = 120.0
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A kubectl/helm call failed; the message carries the command and its stderr."""
+
+    def __str__(self) -> str:
+        return (
+            f"`{' '.join(map(str, self.cmd))}` exited with {self.returncode}: {(self.stderr or '').strip()}"
+        )
+
+
+@dataclass
+class SandboxStatus:
+    state_dir: str
+    kubeconfig: str
+    api_server_url: str | None
+    api_ready: bool
+    node_ready: bool
+    processes: dict[str, int | None] = field(default_factory=dict)
+    pod_netns: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return all(self.processes.get(n) for n in (*CONTROL_PLANE, AGENT)) and self.api_ready
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "running": self.running}
+
+
+def _log(message: str) -> None:
+    print(f"[sandbox {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Sandbox:
+    """A real control plane (etcd, kube-apiserver, controller-manager, scheduler) plus one node agent."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = (state_dir or default_state_dir()).resolve()
+        self.layout = Layout(self.state_dir)
+        self.subnet = network.Subnet.from_env()
+        self._bin_dir: Path | None = None
+
+    # -- paths ------------------------------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        path: Path = self.layout.kubeconfig
+        return path
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one per request (level Metadata): who used which verb on which resource."""
+        path: Path = self.layout.audit_log
+        return path
+
+    @property
+    def bin_dir(self) -> Path:
+        if self._bin_dir is None:
+            recorded = self.layout.run / "bin_dir"
+            if recorded.exists() and Path(recorded.read_text().strip()).is_dir():
+                self._bin_dir = Path(recorded.read_text().strip())
+            else:
+                self._bin_dir = build_binaries()
+        return self._bin_dir
+
+    @property
+    def api_server_url(self) -> str:
+        ports = self._read_ports()
+        if ports is None:
+            raise RuntimeError(f"the sandbox in {self.state_dir} has never been started: call up() first")
+        return f"https://{self.subnet.gateway}:{ports.apiserver}"
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """A container's output (all its runs) as the node agent recorded it; '' before it ran."""
+        found = sorted(self.layout.pods.glob(f"{namespace}_{pod}_*/logs/{container}.log"))
+        return found[-1].read_text(errors="replace") if found else ""
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def up(self) -> Sandbox:
+        """Starts whatever is not running (idempotent) and waits until the node is Ready."""
+        lay = self.layout
+        _log(f"state directory {self.state_dir}")
+        self._bin_dir = build_binaries()
+        lay.run.mkdir(parents=True, exist_ok=True)
+        (lay.run / "bin_dir").write_text(str(self._bin_dir))
+        _log(f"binaries in {self._bin_dir}")
+        network.ensure_bridge(self.subnet)
+        _log(f"bridge {network.BRIDGE} at {self.subnet.gateway}/{self.subnet.prefixlen}")
+        certs.ensure_pki(lay.pki, ["127.0.0.1", self.subnet.gateway, "10.0.0.1"])
+        lay.audit_policy.write_text(AUDIT_POLICY)
+
+        running = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
+        ports = self._read_ports()
+        if ports is None or not running["etcd"] or not running["kube-apiserver"]:
+            if any(running.values()):
+                _log("the control plane is partly running: restarting it")
+                self._stop_processes()
+            ports = self._start_core()
+        else:
+            _log(f"control plane already running at {self.api_server_url}")
+        self._write_kubeconfigs(ports)
+        admin = KubeClient.from_kubeconfig(self.kubeconfig)
+        for name, argv in (
+            ("kube-controller-manager", controller_manager_argv(self.bin_dir, lay)),
+            ("kube-scheduler", scheduler_argv(self.bin_dir, lay)),
+        ):
+            if not procs.running_pid(name, lay.run):
+                _log(f"starting {name}")
+                procs.spawn(name, argv, lay.run, lay.logs)
+        if not procs.running_pid(AGENT, lay.run):
+            _log(f"starting the node agent ({NODE_NAME})")
+            procs.spawn(AGENT, self._agent_argv(ports), lay.run, lay.logs, env=self._agent_env())
+        self._wait(lambda: self._node_ready(admin), f"node {NODE_NAME} to be Ready", AGENT)
+        self._wait(
+            lambda: admin.get("/api/v1/namespaces/default/serviceaccounts/default"),
+            "the default ServiceAccount (the controller-manager's token controller)",
+            "kube-controller-manager",
+        )
+        _log(f"ready: KUBECONFIG={self.kubeconfig} (API server {self.api_server_url})")
+        return self
+
+    def down(self) -> None:
+        """Stops every process (pods, agent, control plane), pod namespaces and the bridge; idempotent."""
+        stopped = self._stop_processes()
+        for netns in network.list_sandbox_netns():
+            self._kill_netns(netns)
+        network.delete_bridge()
+        _log(f"stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
+
+    def status(self) -> SandboxStatus:
+        lay = self.layout
+        processes = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
+        ports = self._read_ports()
+        url = f"https://{self.subnet.gateway}:{ports.apiserver}" if ports else None
+        api_ready = node_ready = False
+        if processes["kube-apiserver"] and self.kubeconfig.exists():
+            try:
+                admin = KubeClient.from_kubeconfig(self.kubeconfig)
+                api_ready = admin.ready()
+                node_ready = self._node_ready(admin)
+            except (OSError, ApiError, ValueError):
+                pass
+        return SandboxStatus(
+            str(self.state_dir),
+            str(self.kubeconfig),
+            url,
+            api_ready,
+            node_ready,
+            processes,
+            network.list_sandbox_netns(),
+        )
+
+    # -- clients ----------------------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        """The environment for kubectl/helm against the sandbox: KUBECONFIG, and PATH with bin_dir first."""
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self._run("kubectl", args, check, input, timeout)
+
+    def helm(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self._run("helm", args, check, input, timeout)
+
+    def _run(
+        self, tool: str, args: tuple[str, ...], check: bool, input: str | None, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / tool), *args]
+        proc = subprocess.run(
+            cmd, input=input, capture_output=True, text=True, env=self.env(), timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _start_core(self) -> Ports:
+        lay = self.layout
+        ports = Ports(free_port(), free_port(), free_port(self.subnet.gateway))
+        (lay.run / "ports.json").write_text(json.dumps(asdict(ports)))
+        _log(f"starting etcd on 127.0.0.1:{ports.etcd_client}")
+        procs.spawn("etcd", etcd_argv(self.bin_dir, lay, ports), lay.run, lay.logs)
+        etcd_health = f"http://127.0.0.1:{ports.etcd_client}/health"
+        self._wait(lambda: _http_ok(etcd_health), "etcd to answer /health", "etcd")
+        _log(f"starting kube-apiserver on {self.subnet.gateway}:{ports.apiserver}")
+        procs.spawn(
+            "kube-apiserver", apiserver_argv(self.bin_dir, lay, ports, self.subnet.gateway), lay.run, lay.logs
+        )
+        self._write_kubeconfigs(ports)
+        admin = KubeClient.from_kubeconfig(self.kubeconfig)
+        self._wait(admin.ready, "kube-apiserver to answer /readyz", "kube-apiserver")
+        return ports
+
+    def _write_kubeconfigs(self, ports: Ports) -> None:
+        server = f"https://{self.subnet.gateway}:{ports.apiserver}"
+        write_kubeconfig(self.kubeconfig, server, self.layout.pki, certs.ADMIN)
+        for ident in (certs.CONTROLLER_MANAGER, certs.SCHEDULER, certs.NODE_AGENT):
+            write_kubeconfig(
+                self.layout.component_kubeconfig(ident.file_stem), server, self.layout.pki, ident
+            )
+
+    def _agent_argv(self, ports: Ports) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "weightsync.sandbox.agent",
+            "--state-dir",
+            str(self.state_dir),
+            "--node-name",
+            NODE_NAME,
+            "--kubeconfig",
+            str(self.layout.component_kubeconfig("node-agent")),
+            "--api-host",
+            self.subnet.gateway,
+            "--api-port",
+            str(ports.apiserver),
+        ]
+
+    def _agent_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _read_ports(self) -> Ports | None:
+        try:
+            return Ports(**json.loads((self.layout.run / "ports.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _node_ready(self, admin: KubeClient) -> bool:
+        try:
+            node = admin.get(f"/api/v1/nodes/{NODE_NAME}")
+        except ApiError:
+            return False
+        conditions = node.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def _wait(self, condition: Any, what: str, component: str) -> None:
+        def died() -> str:
+            log = self.layout.logs / f"{component}.log"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            return f"{component} log ({log}) ends with:\n" + "\n".join(tail)
+
+        def check() -> Any:
+            if not procs.running_pid(component, self.layout.run):
+                raise RuntimeError(f"{component} exited during startup; {died()}")
+            return condition()
+
+        try:
+            wait_for(check, STARTUP_TIMEOUT_S, what, interval=0.2, describe=died)
+        except RuntimeError as e:
+            raise RuntimeError(f"sandbox startup failed while waiting for {what}: {e}") from None
+
+    def _stop_processes(self) -> list[str]:
+        stopped = []
+        for name in (AGENT, "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+            if procs.stop(name, self.layout.run, grace=20.0 if name == AGENT else 10.0):
+                stopped.append(name)
+        return stopped
+
+    def _kill_netns(self, netns: str) -> None:
+        pids = network.netns_pids(netns)
+        for pid in pids:
+            procs.kill_group(pid, signal.SIGKILL)
+        procs.wait_gone(pids, 10.0)
+        network.delete_netns(netns)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)

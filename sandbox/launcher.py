@@ -1,0 +1,63 @@
+"""Runs inside a pod's fresh mount and UTS namespaces (entered through nsenter + unshare), then execs.
+
+Invoked as `python -I launcher.py <spec.json>` with the container's environment: bind-mounts the pod's
+hosts file, resolv.conf and volumes over their paths, sets the pod's hostname, changes to the working
+directory and execs the container's command. Standard library only: it must start fast and stand alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import sys
+
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount --bind {source} {target}: {os.strerror(err)}")
+
+
+def bind(source: str, target: str, read_only: bool) -> None:
+    """Bind-mounts `source` over `target`, creating an empty target (file or directory) when missing."""
+    if not os.path.lexists(target):
+        if os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+            open(target, "a").close()
+    _mount(source, target, MS_BIND | MS_REC)
+    if read_only:
+        _mount(source, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    try:
+        for m in spec["mounts"]:
+            bind(m["source"], m["target"], bool(m.get("readOnly")))
+        socket.sethostname(spec["hostname"])
+        os.chdir(spec.get("workingDir") or "/")
+    except OSError as e:
+        print(f"weightsync sandbox: cannot set up the container: {e}", file=sys.stderr, flush=True)
+        sys.exit(128)
+    argv = spec["argv"]
+    try:
+        os.execvpe(argv[0], argv, dict(os.environ))
+    except OSError as e:
+        print(f"weightsync sandbox: cannot run {argv[0]!r}: {e}", file=sys.stderr, flush=True)
+        sys.exit(127)
+
+
+if __name__ == "__main__":
+    main()
