@@ -1,0 +1,470 @@
+"""The WeightSync resource (group `weightsync.dev`, version `v1alpha1`) as pydantic models.
+
+These models are the single source of truth for the CRD: `weightsync.api.crd` turns them into the
+structural schema, so a field's description is what `kubectl explain` prints, and its default, bounds,
+enum and CEL rules (`x-kubernetes-validations`) sit next to it here. The operator parses a WeightSync's
+spec with the same models, so the cluster and the code can never disagree about a default.
+
+Pod templates are kept as plain dicts (a core/v1 PodTemplateSpec): the CRD declares them as objects that
+preserve unknown fields, with only the parts the operator relies on (containers, restartPolicy, hostname,
+subdomain) declared and checked.
+
+Pure pydantic: importable without kopf, a Kubernetes client or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+from weightsync.contract import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_NUM_BUFFERS,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT_SECONDS,
+    Backend,
+    Protocol,
+)
+
+GROUP = "weightsync.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "WeightSync"
+PLURAL = "weightsyncs"
+SINGULAR = "weightsync"
+SHORT_NAMES = ("ws",)
+
+#: Upper bound of `spec.inference.replicas` (keeps replica indices at 3 digits, and CEL costs bounded).
+MAX_REPLICAS = 512
+#: Upper bound of `spec.inference.workersPerReplica` (GPUs in one engine pod: TP x PP).
+MAX_WORKERS_PER_REPLICA = 64
+#: Longest WeightSync name: `<name>-inference-<replica>` is a pod hostname, a DNS label of 63 characters.
+MAX_NAME_LENGTH = 63 - len("-inference-") - len(str(MAX_REPLICAS - 1))
+#: A WeightSync's name also names its headless Service, so it must be a DNS-1035 label.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+Phase = Literal["Pending", "Forming", "Ready", "Degraded", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+MemberRole = Literal["trainer", "inference"]
+
+
+def cel(rule: str, message: str) -> dict[str, Any]:
+    """One CEL validation rule (`x-kubernetes-validations` entry); `message` must name the field."""
+    return {"rule": rule, "message": message}
+
+
+def immutable(field: str) -> dict[str, Any]:
+    """JSON-schema extra that makes a field immutable once the object exists (a CEL transition rule)."""
+    return {
+        "x-kubernetes-validations": [
+            cel(
+                "self == oldSelf",
+                f"{field} is immutable: it is baked into every member's environment; "
+                "delete and re-create the WeightSync to change it",
+            )
+        ]
+    }
+
+
+#: CEL rules at the root of the schema (only there can a rule see metadata.name).
+ROOT_RULES = (
+    cel(
+        f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the inference pods are named "
+        "<name>-inference-<replica> and a pod's hostname is at most 63 characters",
+    ),
+    cel(
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "metadata.name must start with a lowercase letter and hold only lowercase letters, digits and '-' "
+        "(it names the group's headless Service, a DNS-1035 label)",
+    ),
+)
+
+
+def _pod_template_schema(who: str) -> dict[str, Any]:
+    """The CRD schema of a PodTemplateSpec: open objects, with the fields the operator relies on declared."""
+    return {
+        "type": "object",
+        "description": (
+            f"Pod template of {who} (a core/v1 PodTemplateSpec). Everything in it is kept: env, volumes, "
+            "resources, nodeSelector, tolerations, affinity, serviceAccountName. The operator adds its own "
+            "labels, the epoch annotation, the WEIGHTSYNC_* environment, the podinfo volume, hostname, "
+            "subdomain and restartPolicy Never."
+        ),
+        "x-kubernetes-preserve-unknown-fields": True,
+        "required": ["spec"],
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "description": "Labels and annotations added to the pod (the operator's own keys win); "
+                "name and namespace are ignored.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "spec": {
+                "type": "object",
+                "description": "The pod's spec (core/v1 PodSpec).",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "required": ["containers"],
+                "properties": {
+                    "containers": {
+                        "type": "array",
+                        "description": "The pod's containers; each gets the WEIGHTSYNC_* environment and the "
+                        "podinfo volume mount. The first one also gets the RDMA resource, if any.",
+                        "minItems": 1,
+                        "maxItems": 32,
+                        "items": {
+                            "type": "object",
+                            "description": "A core/v1 Container.",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string", "description": "Name of the container."}
+                            },
+                        },
+                    },
+                    "restartPolicy": {
+                        "type": "string",
+                        "description": "Must be Never (the default here): a member that exits is replaced "
+                        "by the operator at a new epoch, because a sync group cannot take back a "
+                        "restarted rank in place.",
+                        "enum": ["Never"],
+                    },
+                    "hostname": {
+                        "type": "string",
+                        "description": "Not allowed: the operator sets it to the pod's name.",
+                    },
+                    "subdomain": {
+                        "type": "string",
+                        "description": "Not allowed: the operator sets it to the group's headless Service.",
+                    },
+                },
+                "x-kubernetes-validations": [
+                    cel(
+                        "!has(self.hostname) && !has(self.subdomain)",
+                        f"template.spec.hostname and template.spec.subdomain of {who} are set by the "
+                        "operator (pod name and headless Service); remove them",
+                    )
+                ],
+            },
+        },
+    }
+
+
+def _check_template(value: dict[str, Any]) -> dict[str, Any]:
+    spec = value.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("containers"), list) or not spec["containers"]:
+        raise ValueError("template.spec.containers must hold at least one container")
+    return value
+
+
+TrainerTemplate = Annotated[
+    dict[str, Any], AfterValidator(_check_template), WithJsonSchema(_pod_template_schema("the trainer pod"))
+]
+InferenceTemplate = Annotated[
+    dict[str, Any],
+    AfterValidator(_check_template),
+    WithJsonSchema(_pod_template_schema("each inference pod")),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class TrainerSpec(_Model):
+    """The trainer: one pod, rank 0 of the sync group, the sender of the weights."""
+
+    template: TrainerTemplate
+
+
+class InferenceSpec(_Model):
+    """The inference engines: `replicas` pods of `workersPerReplica` ranks each, the receivers."""
+
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Number of inference engine pods (the scale subresource points here). Replica r gets "
+        "rank offset 1 + r x workersPerReplica. Changing it re-forms the group at a new epoch.",
+    )
+    workers_per_replica: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS_PER_REPLICA,
+        description="Ranks (GPUs) inside one engine pod, its tensor x pipeline parallel size; worker k of "
+        "replica r is rank 1 + r x workersPerReplica + k. Immutable.",
+        json_schema_extra=immutable("spec.inference.workersPerReplica"),
+    )
+    template: InferenceTemplate
+
+
+class RendezvousSpec(_Model):
+    """Where and how long members meet: a TCP store hosted by the trainer at its DNS name."""
+
+    port: int = Field(
+        default=DEFAULT_PORT,
+        ge=1,
+        le=65535,
+        description="TCP port of the rendezvous store on the trainer, and the headless Service's port. "
+        "With hostNetwork, two groups on one node need different ports.",
+    )
+    timeout_seconds: float = Field(
+        default=DEFAULT_TIMEOUT_SECONDS,
+        gt=0,
+        le=86400,
+        description="Bound in seconds on every wait of the runtime: rendezvous, each sync, acknowledgements.",
+    )
+
+
+class TransportSpec(_Model):
+    """How the weights move. Immutable: every member's environment carries it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.protocol != 'vllm' || self.backend == 'nccl'",
+                    "spec.transport.protocol 'vllm' needs spec.transport.backend 'nccl' "
+                    "(vLLM's weight-transfer engine speaks NCCL only)",
+                )
+            ]
+        }
+    )
+
+    backend: Backend = Field(default="nccl", description="Communicator: `nccl` on GPUs, `gloo` on CPU.")
+    protocol: Protocol = Field(
+        default="weightsync",
+        description="Wire protocol: `weightsync` (native, with an in-band manifest) or `vllm` "
+        "(wire-compatible with vLLM's NCCL weight-transfer engine).",
+    )
+    packed: bool = Field(
+        default=True, description="Pack tensors into shared buffers instead of one per tensor."
+    )
+    buffer_size_bytes: int = Field(
+        default=DEFAULT_BUFFER_BYTES,
+        ge=1 << 16,
+        le=1 << 36,
+        description="Size in bytes of each packing buffer (64 KiB to 64 GiB; default 1 GiB).",
+    )
+    num_buffers: int = Field(
+        default=DEFAULT_NUM_BUFFERS, ge=1, le=8, description="Packing buffers in flight at once (1 to 8)."
+    )
+    checksums: bool = Field(default=False, description="Verify a checksum of every chunk on every receiver.")
+
+
+class NetworkSpec(_Model):
+    """The network every member uses. Immutable: NCCL hangs when members disagree on its settings."""
+
+    host_network: bool = Field(
+        default=False, description="Run every member pod in the node's network namespace (hostNetwork)."
+    )
+    nccl_env: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="NCCL_* variables (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) given identically to every "
+        "member, so that no two members of one communicator disagree. A template may not set them too.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.all(k, k.startsWith('NCCL_'))",
+                    "spec.network.ncclEnv holds NCCL_* variables only; "
+                    "put other variables in the pod templates",
+                )
+            ]
+        },
+    )
+    rdma_resource: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$",
+        description="Extended resource name of an RDMA device (for example rdma/ib); when set, the first "
+        "container of every member requests rdmaCount of it.",
+    )
+    rdma_count: int = Field(
+        default=1, ge=1, le=16, description="How many rdmaResource devices each member gets."
+    )
+
+
+class FailurePolicy(_Model):
+    """What happens when a member fails or vanishes: the group re-forms at a new epoch, up to a bound."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.maxBackoffSeconds >= self.backoffSeconds",
+                    "spec.failurePolicy.maxBackoffSeconds must be at least spec.failurePolicy.backoffSeconds",
+                )
+            ]
+        }
+    )
+
+    max_restarts: int = Field(
+        default=10,
+        ge=0,
+        le=10000,
+        description="Member failures (a pod that failed, exited or vanished) tolerated over the object's "
+        "life; one more and the WeightSync is Failed. Raising it resumes a Failed group.",
+    )
+    backoff_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Delay before a lost member is re-created; doubles with every restart.",
+    )
+    max_backoff_seconds: float = Field(
+        default=60.0, ge=0, le=86400, description="Upper bound of that delay in seconds."
+    )
+
+    def backoff(self, restarts: int) -> float:
+        """Seconds to wait before re-creating members after the `restarts`-th failure."""
+        if restarts <= 0 or self.backoff_seconds == 0:
+            return 0.0
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** min(restarts - 1, 32)))
+
+
+def _defaults(model: type[_Model]) -> dict[str, Any]:
+    """The whole default of an optional section (the API server checks an object default against its CEL
+    rules before defaulting inside it, so `{}` would not do)."""
+    out: dict[str, Any] = model().model_dump(by_alias=True, exclude_none=True, mode="json")
+    return out
+
+
+class WeightSyncSpec(_Model):
+    """The desired sync group: one trainer pod and `replicas` inference pods wired into one group."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.network.rdmaResource) || self.transport.backend == 'nccl'",
+                    "spec.network.rdmaResource needs spec.transport.backend 'nccl' (gloo does not use RDMA)",
+                )
+            ]
+        }
+    )
+
+    trainer: TrainerSpec = Field(description="The trainer pod (rank 0, the sender).")
+    inference: InferenceSpec = Field(description="The inference engine pods (the receivers).")
+    rendezvous: RendezvousSpec = Field(
+        default_factory=RendezvousSpec,
+        description="Rendezvous port and timeouts. Immutable.",
+        json_schema_extra={"default": _defaults(RendezvousSpec), **immutable("spec.rendezvous")},
+    )
+    transport: TransportSpec = Field(
+        default_factory=TransportSpec,
+        description="Backend, wire protocol and packing. Immutable.",
+        json_schema_extra={"default": _defaults(TransportSpec), **immutable("spec.transport")},
+    )
+    network: NetworkSpec = Field(
+        default_factory=NetworkSpec,
+        description="hostNetwork, NCCL environment and RDMA devices. Immutable.",
+        json_schema_extra={"default": _defaults(NetworkSpec), **immutable("spec.network")},
+    )
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy,
+        description="Bound and backoff of member restarts.",
+        json_schema_extra={"default": _defaults(FailurePolicy)},
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the group: the trainer plus every inference worker."""
+        return 1 + self.inference.replicas * self.inference.workers_per_replica
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+class _StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class Condition(_StatusModel):
+    """A metav1.Condition: one aspect of the group's state, with the reason it is so."""
+
+    type: ConditionType = Field(description="Ready, Progressing, Degraded or Failed.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason of the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str = Field(
+        description="When the status last changed (RFC 3339).", json_schema_extra={"format": "date-time"}
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was computed for."
+    )
+
+
+class Member(_StatusModel):
+    """One member pod of the group."""
+
+    pod: str = Field(description="Name of the member pod.")
+    role: MemberRole = Field(description="trainer or inference.")
+    rank_offset: int = Field(description="Group rank of the pod's first worker.")
+    local_world_size: int = Field(description="Ranks (workers) in the pod.")
+    ready: bool = Field(description="The pod is Ready.")
+
+
+class LastSync(_StatusModel):
+    """The trainer's report of its latest sync, copied from its pod's annotation weightsync.dev/last-sync."""
+
+    version: int = Field(description="Weights version sent (the trainer's step).")
+    tensors: int | None = Field(default=None, description="Tensors sent.")
+    bytes: int | None = Field(default=None, description="Bytes sent.")
+    seconds: float | None = Field(default=None, description="Wall time of the sync in seconds.")
+    gbps: float | None = Field(default=None, description="Throughput in GB/s (1e9 bytes per second).")
+    transport: str | None = Field(
+        default=None,
+        description="Transport actually used (for example NCCL over IB, NCCL over sockets, gloo).",
+    )
+    epoch: int | None = Field(default=None, description="Group epoch the sync ran at.")
+    time: str | None = Field(default=None, description="When the sync finished (RFC 3339).")
+
+
+class WeightSyncStatus(_StatusModel):
+    """What the operator observed and decided; written by the operator only."""
+
+    phase: Phase | None = Field(
+        default=None,
+        description="Pending (members being created), Forming (members starting or re-joining), Ready (every "
+        "member Ready at the current epoch), Degraded (re-forming after a member failure), Failed (invalid "
+        "spec or failurePolicy.maxRestarts exceeded; see the Failed condition).",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded and Failed, each with a reason and a message.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation of the spec this status reflects."
+    )
+    epoch: int | None = Field(
+        default=None,
+        description="Group generation: bumped whenever membership changes (a member failed or vanished, or a "
+        "scale); members see it in their weightsync.dev/epoch annotation and re-form the group.",
+    )
+    world_size: int | None = Field(default=None, description="Ranks in the group at the current epoch.")
+    replicas: int | None = Field(
+        default=None, description="Inference pods that exist (the scale subresource's status replicas)."
+    )
+    selector: str | None = Field(
+        default=None, description="Label selector of the inference pods (for the scale subresource)."
+    )
+    ready: str | None = Field(default=None, description="Ready members out of desired members, as 'n/m'.")
+    members: list[Member] = Field(default_factory=list, description="The member pods that exist.")
+    restarts: int | None = Field(default=None, description="Member failures so far (see failurePolicy).")
+    last_failure_time: str | None = Field(
+        default=None,
+        description="When the operator last saw a member fail or vanish (RFC 3339); "
+        "the backoff counts from it.",
+        json_schema_extra={"format": "date-time"},
+    )
+    last_sync: LastSync | None = Field(default=None, description="The trainer's latest sync report.")
+
+
+def parse_spec(spec: dict[str, Any]) -> WeightSyncSpec:
+    """Parse (and default) a WeightSync's spec as the API server stores it."""
+    return WeightSyncSpec.model_validate(spec)
