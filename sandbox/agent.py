@@ -36,7 +36,7 @@ class Agent:
         self.client = KubeClient.from_kubeconfig(Path(args.kubeconfig))
         self.node_name: str = args.node_name
         self.api_host: str = args.api_host
-        self.subnet = network.Subnet.from_env()
+        self.net = network.PodNetwork.for_state_dir(Path(args.state_dir))
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.pods: dict[str, Obj] = {}
@@ -48,7 +48,7 @@ class Agent:
             node_name=self.node_name,
             node_ip=args.api_host,
             state_dir=Path(args.state_dir),
-            subnet=self.subnet,
+            net=self.net,
             api_host=args.api_host,
             api_port=int(args.api_port),
             python=sys.executable,
@@ -75,11 +75,11 @@ class Agent:
     def allocate_ip(self) -> str:
         with self.lock:
             address: str
-            for address in self.subnet.pod_addresses():
+            for address in self.net.pod_addresses():
                 if address not in self.used_ips:
                     self.used_ips.add(address)
                     return address
-        raise RuntimeError(f"no free pod address left in {self.subnet.network}")
+        raise RuntimeError(f"no free pod address left in {self.net.network}")
 
     def release_ip(self, address: str) -> None:
         with self.lock:
@@ -102,7 +102,7 @@ class Agent:
             return
         if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
             return
-        address = self.subnet.gateway if pod["spec"].get("hostNetwork") else self.allocate_ip()
+        address = self.net.gateway if pod["spec"].get("hostNetwork") else self.allocate_ip()
         worker = PodWorker(self.ctx, pod, address)
         with self.lock:
             self.workers[uid] = worker
@@ -175,6 +175,8 @@ class Agent:
         ):
             if self.stop_event.is_set() or kind == "ERROR":
                 return
+            if kind not in ("ADDED", "MODIFIED", "DELETED"):
+                continue  # BOOKMARK
             key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
             with self.lock:
                 if kind == "DELETED":
@@ -187,7 +189,7 @@ class Agent:
 
     # -- main ---------------------------------------------------------------------------------------
     def run(self) -> None:
-        for netns in network.list_sandbox_netns():  # left by an agent that did not stop cleanly
+        for netns in self.net.list_netns():  # left by an agent that did not stop cleanly
             _log(f"removing leftover network namespace {netns}")
             for pid in network.netns_pids(netns):
                 procs.kill_group(pid, signal.SIGKILL)

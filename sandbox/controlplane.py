@@ -72,7 +72,7 @@ class Sandbox:
     def __init__(self, state_dir: Path | None = None) -> None:
         self.state_dir = (state_dir or default_state_dir()).resolve()
         self.layout = Layout(self.state_dir)
-        self.subnet = network.Subnet.from_env()
+        self.net = network.PodNetwork.for_state_dir(self.state_dir)
         self._bin_dir: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class Sandbox:
         ports = self._read_ports()
         if ports is None:
             raise RuntimeError(f"the sandbox in {self.state_dir} has never been started: call up() first")
-        return f"https://{self.subnet.gateway}:{ports.apiserver}"
+        return f"https://{self.net.gateway}:{ports.apiserver}"
 
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
         """A container's output (all its runs) as the node agent recorded it; '' before it ran."""
@@ -118,9 +118,9 @@ class Sandbox:
         lay.run.mkdir(parents=True, exist_ok=True)
         (lay.run / "bin_dir").write_text(str(self._bin_dir))
         _log(f"binaries in {self._bin_dir}")
-        network.ensure_bridge(self.subnet)
-        _log(f"bridge {network.BRIDGE} at {self.subnet.gateway}/{self.subnet.prefixlen}")
-        certs.ensure_pki(lay.pki, ["127.0.0.1", self.subnet.gateway, "10.0.0.1"])
+        network.ensure_bridge(self.net)
+        _log(f"bridge {self.net.bridge} at {self.net.gateway}/{self.net.prefixlen}")
+        certs.ensure_pki(lay.pki, ["127.0.0.1", self.net.gateway, "10.0.0.1"])
         lay.audit_policy.write_text(AUDIT_POLICY)
 
         running = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
@@ -156,16 +156,16 @@ class Sandbox:
     def down(self) -> None:
         """Stops every process (pods, agent, control plane), pod namespaces and the bridge; idempotent."""
         stopped = self._stop_processes()
-        for netns in network.list_sandbox_netns():
+        for netns in self.net.list_netns():
             self._kill_netns(netns)
-        network.delete_bridge()
+        network.delete_bridge(self.net)
         _log(f"stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
 
     def status(self) -> SandboxStatus:
         lay = self.layout
         processes = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
         ports = self._read_ports()
-        url = f"https://{self.subnet.gateway}:{ports.apiserver}" if ports else None
+        url = f"https://{self.net.gateway}:{ports.apiserver}" if ports else None
         api_ready = node_ready = False
         if processes["kube-apiserver"] and self.kubeconfig.exists():
             try:
@@ -181,7 +181,7 @@ class Sandbox:
             api_ready,
             node_ready,
             processes,
-            network.list_sandbox_netns(),
+            self.net.list_netns(),
         )
 
     # -- clients ----------------------------------------------------------------------------------------
@@ -217,15 +217,15 @@ class Sandbox:
     # -- internals --------------------------------------------------------------------------------------
     def _start_core(self) -> Ports:
         lay = self.layout
-        ports = Ports(free_port(), free_port(), free_port(self.subnet.gateway))
+        ports = Ports(free_port(), free_port(), free_port(self.net.gateway))
         (lay.run / "ports.json").write_text(json.dumps(asdict(ports)))
         _log(f"starting etcd on 127.0.0.1:{ports.etcd_client}")
         procs.spawn("etcd", etcd_argv(self.bin_dir, lay, ports), lay.run, lay.logs)
         etcd_health = f"http://127.0.0.1:{ports.etcd_client}/health"
         self._wait(lambda: _http_ok(etcd_health), "etcd to answer /health", "etcd")
-        _log(f"starting kube-apiserver on {self.subnet.gateway}:{ports.apiserver}")
+        _log(f"starting kube-apiserver on {self.net.gateway}:{ports.apiserver}")
         procs.spawn(
-            "kube-apiserver", apiserver_argv(self.bin_dir, lay, ports, self.subnet.gateway), lay.run, lay.logs
+            "kube-apiserver", apiserver_argv(self.bin_dir, lay, ports, self.net.gateway), lay.run, lay.logs
         )
         self._write_kubeconfigs(ports)
         admin = KubeClient.from_kubeconfig(self.kubeconfig)
@@ -233,7 +233,7 @@ class Sandbox:
         return ports
 
     def _write_kubeconfigs(self, ports: Ports) -> None:
-        server = f"https://{self.subnet.gateway}:{ports.apiserver}"
+        server = f"https://{self.net.gateway}:{ports.apiserver}"
         write_kubeconfig(self.kubeconfig, server, self.layout.pki, certs.ADMIN)
         for ident in (certs.CONTROLLER_MANAGER, certs.SCHEDULER, certs.NODE_AGENT):
             write_kubeconfig(
@@ -252,7 +252,7 @@ class Sandbox:
             "--kubeconfig",
             str(self.layout.component_kubeconfig("node-agent")),
             "--api-host",
-            self.subnet.gateway,
+            self.net.gateway,
             "--api-port",
             str(ports.apiserver),
         ]

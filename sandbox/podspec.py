@@ -127,7 +127,10 @@ def resolve_env(pod: Obj, container: Obj, base: Mapping[str, str], lookup: Looku
         source = var["valueFrom"]
         value: str | None
         if "fieldRef" in source:
-            value = field_value(pod, source["fieldRef"]["fieldPath"])
+            try:
+                value = field_value(pod, source["fieldRef"]["fieldPath"])
+            except ConfigError as e:
+                raise ConfigError(f"env {name}: {e}") from None
         elif "resourceFieldRef" in source:
             value = resource_value(container, source["resourceFieldRef"])
         elif "secretKeyRef" in source:

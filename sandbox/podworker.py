@@ -45,7 +45,7 @@ class AgentContext:
     node_name: str
     node_ip: str
     state_dir: Path
-    subnet: network.Subnet
+    net: network.PodNetwork
     api_host: str
     api_port: int
     python: str
@@ -103,7 +103,7 @@ class PodWorker(threading.Thread):
         self.uid: str = meta["uid"]
         self.pod_ip = pod_ip
         self.host_network = bool(pod["spec"].get("hostNetwork"))
-        self.netns: str | None = None if self.host_network else network.netns_name(self.uid)
+        self.netns: str | None = None if self.host_network else ctx.net.netns_name(self.uid)
         self.dir = ctx.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{self.uid[:8]}"
         self.vols = volumes.VolumeSet(self.dir / "volumes")
         self.containers = [Container(c, True) for c in pod["spec"].get("initContainers", [])] + [
@@ -178,7 +178,7 @@ class PodWorker(threading.Thread):
     def _setup(self, pod: Obj) -> None:
         try:
             if self.netns and not Path(f"/run/netns/{self.netns}").exists():
-                network.create_pod_netns(self.netns, self.pod_ip, self.ctx.subnet)
+                network.create_pod_netns(self.ctx.net, self.netns, self.pod_ip)
             etc = self.dir / "etc"
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(resolv_conf(pod["metadata"]["namespace"]))

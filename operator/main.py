@@ -1,1 +1,0 @@
-"""kopf wiring of the WeightSync operator."""

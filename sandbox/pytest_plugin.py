@@ -1,0 +1,80 @@
+"""pytest fixtures for the sandbox: `sandbox` (session), `namespace` (per test), `kube_api`.
+
+Enable with `pytest_plugins = ["weightsync.sandbox.pytest_plugin"]` in a conftest. The sandbox starts once,
+on first use, and every process it started is stopped when the session ends: after failures, on Ctrl-C
+(pytest_unconfigure), on SIGTERM (turned into KeyboardInterrupt) and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from weightsync.sandbox.controlplane import Sandbox
+from weightsync.sandbox.waiting import wait_for
+
+NAMESPACE_READY_TIMEOUT_S = 60.0
+_running: list[Sandbox] = []
+
+
+def _stop_all() -> None:
+    while _running:
+        _running.pop().down()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    atexit.register(_stop_all)
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _stop_all()
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    """The running sandbox (started once per session; stopped at its end, whatever happened)."""
+    sb = Sandbox()
+    _running.append(sb)
+    try:
+        sb.up()
+        yield sb
+    finally:
+        _stop_all()
+
+
+@pytest.fixture
+def namespace(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test, with its default ServiceAccount; deleted afterwards."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:6]}"
+    sandbox.kubectl("create", "namespace", name)
+    wait_for(
+        lambda: sandbox.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+        NAMESPACE_READY_TIMEOUT_S,
+        f"the default ServiceAccount in namespace {name}",
+    )
+    yield name
+    sandbox.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="session")
+def kube_api(sandbox: Sandbox) -> Iterator[Any]:
+    """A kubernetes.client.ApiClient for the admin user (group system:masters)."""
+    from kubernetes import config  # noqa: PLC0415 - only sessions that use the cluster need the client
+
+    client = config.new_client_from_config(config_file=str(sandbox.kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        yield client
+    finally:
+        client.close()

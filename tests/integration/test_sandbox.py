@@ -1,0 +1,437 @@
+"""The sandbox against its real control plane: pods are processes with their own network, files and names."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from weightsync.sandbox import Sandbox
+from weightsync.sandbox.network import netns_pids
+from weightsync.sandbox.waiting import wait_for
+
+pytestmark = pytest.mark.cluster
+
+TIMEOUT_S = 60.0
+
+
+def apply(sandbox: Sandbox, namespace: str, *objects: dict[str, Any]) -> None:
+    sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objects))
+
+
+def get(sandbox: Sandbox, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    proc = sandbox.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def pods(sandbox: Sandbox, namespace: str, selector: str) -> list[dict[str, Any]]:
+    out = sandbox.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def python_pod(name: str, script: str, **spec: Any) -> dict[str, Any]:
+    """A pod whose one container runs `script` with the project's python (images are ignored)."""
+    container = {
+        "name": "main",
+        "image": "ignored",
+        "command": ["python", "-u", "-c", textwrap.dedent(script)],
+    }
+    container.update(spec.pop("container", {}))
+    metadata = {"name": name, **spec.pop("metadata", {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {"terminationGracePeriodSeconds": 5, "containers": [container], **spec},
+    }
+
+
+def wait_phase(sandbox: Sandbox, namespace: str, name: str, phase: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        pod = get(sandbox, namespace, "pod", name)
+        return pod if pod and pod.get("status", {}).get("phase") == phase else None
+
+    return wait_for(
+        check,
+        TIMEOUT_S,
+        f"pod {namespace}/{name} to be {phase}",
+        describe=lambda: json.dumps((get(sandbox, namespace, "pod", name) or {}).get("status")),
+    )
+
+
+def wait_log(sandbox: Sandbox, namespace: str, pod: str, text: str) -> str:
+    return wait_for(
+        lambda: (log := sandbox.pod_log(namespace, pod, "main")) and text in log and log,
+        TIMEOUT_S,
+        f"{text!r} in the log of pod {namespace}/{pod}",
+        describe=lambda: sandbox.pod_log(namespace, pod, "main")[-2000:],
+    )
+
+
+def container_pid(pod: dict[str, Any]) -> int:
+    return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("sandbox://"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+HTTP_SERVER = """
+    import http.server, os
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = os.environ["MY_POD_NAME"].encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body)
+    http.server.HTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+
+def test_deployment_runs_a_process_and_deleting_the_pod_ends_it(sandbox: Sandbox, namespace: str) -> None:
+    template = python_pod(
+        "unused",
+        HTTP_SERVER,
+        container={
+            "env": [{"name": "MY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+            "livenessProbe": {"exec": {"command": ["python", "-c", "pass"]}, "periodSeconds": 2},
+        },
+    )
+    apply(
+        sandbox,
+        namespace,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]},
+            },
+        },
+    )
+    sandbox.kubectl("rollout", "status", "deployment/web", "-n", namespace, "--timeout=60s")
+    (pod,) = pods(sandbox, namespace, "app=web")
+    name, ip, pid = pod["metadata"]["name"], pod["status"]["podIP"], container_pid(pod)
+    assert alive(pid)
+    with urllib.request.urlopen(f"http://{ip}:8080/", timeout=5) as resp:
+        assert resp.read().decode() == name  # the real process answers, with its own pod name in its env
+
+    sandbox.kubectl("delete", "pod", name, "-n", namespace, "--timeout=30s")
+    assert not alive(pid)
+    replacement = wait_for(
+        lambda: [
+            p
+            for p in pods(sandbox, namespace, "app=web")
+            if p["metadata"]["name"] != name and p["status"].get("phase") == "Running"
+        ],
+        TIMEOUT_S,
+        "the ReplicaSet's replacement pod",
+    )
+    assert alive(container_pid(replacement[0]))
+
+
+def test_owner_reference_garbage_collection(sandbox: Sandbox, namespace: str) -> None:
+    parent = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "parent"}}
+    apply(sandbox, namespace, parent)
+    uid = get(sandbox, namespace, "configmap", "parent")["metadata"]["uid"]  # type: ignore[index]
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "parent", "uid": uid}
+    child_pod = python_pod("child", "import time; time.sleep(600)", metadata={"ownerReferences": [owner]})
+    apply(
+        sandbox,
+        namespace,
+        child_pod,
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "child", "ownerReferences": [owner]}},
+    )
+    pid = container_pid(wait_phase(sandbox, namespace, "child", "Running"))
+
+    sandbox.kubectl("delete", "configmap", "parent", "-n", namespace)
+    wait_for(lambda: get(sandbox, namespace, "secret", "child") is None, TIMEOUT_S, "the child Secret to go")
+    wait_for(lambda: get(sandbox, namespace, "pod", "child") is None, TIMEOUT_S, "the child pod to go")
+    assert not alive(pid)
+
+
+ENV_AND_FILES = """
+    import json, os, time
+    keys = ["MY_NAME", "MY_NAMESPACE", "MY_IP", "MY_EPOCH", "MY_ROLE", "MY_TOKEN", "MY_MODE", "COMPOSED"]
+    print("ENV " + json.dumps({k: os.environ.get(k) for k in keys}))
+    last = None
+    while True:
+        with open("/etc/weightsync/podinfo/annotations") as f:
+            text = f.read()
+        if text != last:
+            print("FILE " + json.dumps(text)); last = text
+        time.sleep(0.1)
+"""
+
+
+def test_env_value_from_and_downward_api_files(sandbox: Sandbox, namespace: str) -> None:
+    apply(
+        sandbox,
+        namespace,
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"token": "s3cret"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"mode": "fast"}},
+    )
+
+    def member(name: str, epoch: str) -> dict[str, Any]:
+        ref = {"fieldRef": {"fieldPath": "metadata.annotations['weightsync.dev/epoch']"}}
+        return python_pod(
+            name,
+            ENV_AND_FILES,
+            metadata={"labels": {"role": "trainer"}, "annotations": {"weightsync.dev/epoch": epoch}},
+            container={
+                "env": [
+                    {"name": "MY_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "MY_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "MY_EPOCH", "valueFrom": ref},
+                    {"name": "MY_ROLE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['role']"}}},
+                    {"name": "MY_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
+                    {"name": "MY_MODE", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "mode"}}},
+                    {"name": "COMPOSED", "value": "$(MY_NAME)@$(MY_MODE)"},
+                ],
+                "volumeMounts": [{"name": "podinfo", "mountPath": "/etc/weightsync/podinfo"}],
+            },
+            volumes=[
+                {
+                    "name": "podinfo",
+                    "downwardAPI": {
+                        "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+                    },
+                }
+            ],
+        )
+
+    apply(sandbox, namespace, member("a", "1"), member("b", "7"))
+    ip = wait_phase(sandbox, namespace, "a", "Running")["status"]["podIP"]
+    log = wait_log(sandbox, namespace, "a", "\nENV ")
+    env = json.loads(next(line for line in log.splitlines() if line.startswith("ENV "))[4:])
+    assert env == {
+        "MY_NAME": "a",
+        "MY_NAMESPACE": namespace,
+        "MY_IP": ip,
+        "MY_EPOCH": "1",
+        "MY_ROLE": "trainer",
+        "MY_TOKEN": "s3cret",
+        "MY_MODE": "fast",
+        "COMPOSED": "a@fast",
+    }
+    # two pods on one node, one mountPath, each its own files
+    wait_log(sandbox, namespace, "a", json.dumps('weightsync.dev/epoch="1"')[1:-1])
+    wait_log(sandbox, namespace, "b", json.dumps('weightsync.dev/epoch="7"')[1:-1])
+
+    sandbox.kubectl("annotate", "pod", "a", "-n", namespace, "--overwrite", "weightsync.dev/epoch=2")
+    wait_log(sandbox, namespace, "a", json.dumps('weightsync.dev/epoch="2"')[1:-1])
+    assert not Path("/etc/weightsync/podinfo/annotations").exists()  # the host's own /etc is untouched
+
+
+def test_pods_resolve_and_connect_by_dns_name(sandbox: Sandbox, namespace: str) -> None:
+    server = python_pod(
+        "trainer-0",
+        """
+        import socket
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 29500)); s.listen()
+        while True:
+            c, _ = s.accept(); c.sendall(socket.gethostname().encode()); c.close()
+    """,
+        metadata={"labels": {"group": "g"}},
+        hostname="trainer-0",
+        subdomain="g",
+        # never Ready: only publishNotReadyAddresses makes the Service name resolve
+        container={"readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1}},
+    )
+    client = python_pod(
+        "inference-0",
+        f"""
+        import socket, time
+        s = socket.socket(); s.bind(("0.0.0.0", 29500)); s.listen()  # the same port as the server: no clash
+        fq = "trainer-0.g.{namespace}.svc.cluster.local"
+        for name in (fq, "trainer-0.g", "g"):
+            print(name, "->", socket.gethostbyname(name))
+        deadline = time.time() + 30
+        while True:
+            try:
+                c = socket.create_connection((fq, 29500), timeout=2); break
+            except OSError:
+                if time.time() > deadline: raise
+                time.sleep(0.1)
+        print("peer says", c.recv(100).decode())
+    """,
+        metadata={"labels": {"group": "g"}},
+        hostname="inference-0",
+        subdomain="g",
+        restartPolicy="Never",
+    )
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "g"},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"group": "g"},
+            "ports": [{"name": "rdzv", "port": 29500}],
+        },
+    }
+    apply(sandbox, namespace, headless, server)
+    server_ip = wait_phase(sandbox, namespace, "trainer-0", "Running")["status"]["podIP"]
+    apply(sandbox, namespace, client)
+    wait_phase(sandbox, namespace, "inference-0", "Succeeded")
+    log = sandbox.pod_log(namespace, "inference-0", "main")
+    assert f"trainer-0.g.{namespace}.svc.cluster.local -> {server_ip}" in log
+    assert f"trainer-0.g -> {server_ip}" in log
+    assert "peer says trainer-0" in log
+    assert not any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in get(sandbox, namespace, "pod", "trainer-0")["status"]["conditions"]
+    )  # type: ignore[index]
+
+
+def test_failing_containers_follow_their_restart_policy(sandbox: Sandbox, namespace: str) -> None:
+    flaky = """
+        import pathlib, sys
+        runs = pathlib.Path("/scratch/runs"); n = len(runs.read_text()) if runs.exists() else 0
+        runs.write_text("x" * (n + 1)); sys.exit(0 if n >= 2 else 3)
+    """
+    scratch = {"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+    on_failure = python_pod(
+        "on-failure",
+        flaky,
+        restartPolicy="OnFailure",
+        container=scratch,
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    never = python_pod("never", "import sys; sys.exit(3)", restartPolicy="Never")
+    always = python_pod("always", "import sys; sys.exit(1)", restartPolicy="Always")
+    init = python_pod(
+        "init",
+        "print(open('/scratch/by-init').read())",
+        restartPolicy="Never",
+        container=scratch,
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+        initContainers=[
+            {
+                "name": f"init-{i}",
+                "image": "ignored",
+                "command": ["python", "-c", f"open('/scratch/by-init', 'a').write('{i}')"],
+                **scratch,
+            }
+            for i in range(3)
+        ],
+    )
+    apply(sandbox, namespace, on_failure, never, always, init)
+
+    status = wait_phase(sandbox, namespace, "on-failure", "Succeeded")["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 2
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert status["state"]["terminated"]["exitCode"] == 0
+
+    status = wait_phase(sandbox, namespace, "never", "Failed")["status"]["containerStatuses"][0]
+    assert (status["restartCount"], status["state"]["terminated"]["exitCode"]) == (0, 3)
+
+    def restarted_twice() -> dict[str, Any] | None:
+        s = (
+            (get(sandbox, namespace, "pod", "always") or {})
+            .get("status", {})
+            .get("containerStatuses", [{}])[0]
+        )
+        return s if s.get("restartCount", 0) >= 2 else None
+
+    status = wait_for(restarted_twice, TIMEOUT_S, "pod `always` to be restarted twice")
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+    assert get(sandbox, namespace, "pod", "always")["status"]["phase"] == "Running"  # type: ignore[index]
+
+    wait_phase(sandbox, namespace, "init", "Succeeded")
+    assert "012" in sandbox.pod_log(namespace, "init", "main")
+
+
+def test_pods_use_in_cluster_config_with_their_service_account(sandbox: Sandbox, namespace: str) -> None:
+    rbac = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    ]
+    script = f"""
+        from kubernetes import client, config
+        config.load_incluster_config()
+        v1 = client.CoreV1Api()
+        print("own pod", v1.read_namespaced_pod("sa-user", "{namespace}").metadata.name)
+        try:
+            v1.list_namespaced_secret("{namespace}")
+        except client.ApiException as e:
+            print("secrets", e.status)
+    """
+    apply(
+        sandbox,
+        namespace,
+        *rbac,
+        python_pod("sa-user", script, serviceAccountName="reader", restartPolicy="Never"),
+    )
+    wait_phase(sandbox, namespace, "sa-user", "Succeeded")
+    log = sandbox.pod_log(namespace, "sa-user", "main")
+    assert "own pod sa-user" in log
+    assert "secrets 403" in log  # the ServiceAccount's token, not an admin credential
+
+    user = f"system:serviceaccount:{namespace}:reader"
+    events = [json.loads(line) for line in sandbox.audit_log.read_text().splitlines() if user in line]
+    assert {(e["verb"], e["objectRef"]["resource"]) for e in events if e["user"]["username"] == user} >= {
+        ("get", "pods"),
+        ("list", "secrets"),
+    }
+
+
+def test_down_leaves_nothing_running(sandbox: Sandbox, namespace: str) -> None:
+    """Runs last in this module: stops the sandbox, checks, then starts it again for later tests."""
+    apply(
+        sandbox,
+        namespace,
+        python_pod(
+            "sleeper",
+            """
+        import subprocess, time
+        subprocess.Popen(["python", "-c", "import time; time.sleep(600)"], start_new_session=True)
+        time.sleep(600)
+    """,
+        ),
+    )
+    pod = wait_phase(sandbox, namespace, "sleeper", "Running")
+    pid = container_pid(pod)
+    component_pids = [p for p in sandbox.status().processes.values() if p]
+    assert len(component_pids) == 5
+    # the container and the grandchild that left its session both live in the pod's network namespace
+    pod_pids = wait_for(
+        lambda: len(p := netns_pids(sandbox.net.netns_name(pod["metadata"]["uid"]))) >= 2 and p,
+        TIMEOUT_S,
+        "the sleeper's grandchild",
+    )
+
+    sandbox.down()
+    sandbox.down()  # twice is fine
+    assert not [p for p in [pid, *component_pids, *pod_pids] if alive(p)]
+    assert sandbox.net.list_netns() == []
+    after = sandbox.status()
+    assert not any(after.processes.values()) and not after.running
+
+    sandbox.up()
+    assert sandbox.status().running

@@ -1,0 +1,157 @@
+"""Pure logic of the sandbox's node agent: env resolution, downward-API files, hosts files, probes."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from weightsync.sandbox.podspec import (
+    ConfigError,
+    command_line,
+    expand,
+    field_value,
+    format_map,
+    render_hosts,
+    resolve_env,
+)
+from weightsync.sandbox.probes import ProbeState
+
+
+def pod(name: str, ns: str = "ns", ip: str = "", **spec: Any) -> dict[str, Any]:
+    labels = spec.pop("labels", {})
+    ready = spec.pop("ready", False)
+    status: dict[str, Any] = {"podIP": ip} if ip else {}
+    status["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": f"uid-{name}",
+            "labels": labels,
+            "annotations": {"epoch": "3"},
+        },
+        "spec": {"containers": [{"name": "main"}], **spec},
+        "status": status,
+    }
+
+
+def service(name: str, ns: str = "ns", **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def lookup_from(objects: dict[tuple[str, str], dict[str, Any]]) -> Any:
+    return lambda kind, namespace, name: objects.get((kind, name))
+
+
+def test_expand_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "1-two-$(C)-$(A)"
+
+
+def test_resolve_env_value_from_every_source() -> None:
+    secret = {"kind": "Secret", "type": "Opaque", "data": {"k": base64.b64encode(b"s3cret").decode()}}
+    objects = {
+        ("Secret", "s"): secret,
+        ("ConfigMap", "c"): {"kind": "ConfigMap", "data": {"m": "fast", "x": "y"}},
+    }
+    p = pod("p0", ip="10.77.0.5", labels={"role": "trainer"})
+    container = {
+        "name": "main",
+        "envFrom": [{"configMapRef": {"name": "c"}, "prefix": "CM_"}],
+        "env": [
+            {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "EPOCH", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['epoch']"}}},
+            {"name": "ROLE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['role']"}}},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "m"}}},
+            {
+                "name": "GONE",
+                "valueFrom": {"secretKeyRef": {"name": "missing", "key": "k", "optional": True}},
+            },
+            {"name": "BOTH", "value": "$(NAME):$(MODE):$(BASE)"},
+        ],
+    }
+    env = resolve_env(p, container, {"BASE": "b"}, lookup_from(objects))
+    assert env == {
+        "BASE": "b",
+        "CM_m": "fast",
+        "CM_x": "y",
+        "NAME": "p0",
+        "IP": "10.77.0.5",
+        "EPOCH": "3",
+        "ROLE": "trainer",
+        "TOKEN": "s3cret",
+        "MODE": "fast",
+        "BOTH": "p0:fast:b",
+    }
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        {"secretKeyRef": {"name": "missing", "key": "k"}},
+        {"configMapKeyRef": {"name": "c", "key": "nope"}},
+        {"fieldRef": {"fieldPath": "spec.nonsense"}},
+    ],
+)
+def test_resolve_env_names_what_is_missing(ref: dict[str, Any]) -> None:
+    objects = {("ConfigMap", "c"): {"kind": "ConfigMap", "data": {}}}
+    with pytest.raises(ConfigError, match="X"):
+        resolve_env(
+            pod("p"), {"name": "main", "env": [{"name": "X", "valueFrom": ref}]}, {}, lookup_from(objects)
+        )
+
+
+def test_command_is_required_because_images_are_ignored() -> None:
+    with pytest.raises(ConfigError, match="no command"):
+        command_line({"name": "main", "args": ["x"]}, {})
+    assert command_line({"name": "m", "command": ["python"], "args": ["$(A)"]}, {"A": "run.py"}) == [
+        "python",
+        "run.py",
+    ]
+
+
+def test_downward_api_formats() -> None:
+    assert format_map({"b": 'say "hi"', "a": "1"}) == 'a="1"\nb="say \\"hi\\""'
+    assert field_value(pod("p"), "metadata.annotations") == 'epoch="3"'
+
+
+def test_hosts_file_has_pod_names_under_their_headless_service() -> None:
+    trainer = pod("trainer-0", ip="10.77.0.2", hostname="trainer-0", subdomain="g", labels={"group": "g"})
+    worker = pod("inference-0", ip="10.77.0.3", hostname="inference-0", subdomain="g", labels={"group": "g"})
+    stranger = pod("other", ns="elsewhere", ip="10.77.0.4", hostname="x", subdomain="g")  # no Service there
+    headless = service("g", clusterIP="None", publishNotReadyAddresses=True, selector={"group": "g"})
+    hosts = render_hosts(worker, [trainer, worker, stranger], [headless], "10.77.0.1")
+    lines = hosts.splitlines()
+    assert (
+        "10.77.0.3\tinference-0.g.ns.svc.cluster.local inference-0.g.ns.svc inference-0.g.ns "
+        "inference-0.g inference-0" in lines
+    )
+    assert (
+        "10.77.0.2\ttrainer-0.g.ns.svc.cluster.local trainer-0.g.ns.svc trainer-0.g.ns trainer-0.g" in lines
+    )
+    assert "10.77.0.2\tg.ns.svc.cluster.local g.ns.svc g.ns g" in lines  # not Ready, but published
+    assert (
+        "10.77.0.1\tkubernetes.default.svc.cluster.local kubernetes.default.svc kubernetes.default" in lines
+    )
+    assert "10.77.0.4" not in hosts
+
+
+def test_hosts_file_lists_only_ready_endpoints_by_default() -> None:
+    ready = pod("a", ip="10.77.0.2", labels={"app": "x"}, ready=True)
+    not_ready = pod("b", ip="10.77.0.3", labels={"app": "x"})
+    other_ns = pod("c", ns="two", ip="10.77.0.9", labels={"app": "x"}, ready=True)
+    hosts = render_hosts(
+        other_ns, [ready, not_ready, other_ns], [service("x", selector={"app": "x"})], "10.77.0.1"
+    )
+    assert "10.77.0.2\tx.ns.svc.cluster.local x.ns.svc x.ns\n" in hosts  # no short form from namespace two
+    assert "10.77.0.3" not in hosts
+
+
+def test_probe_thresholds() -> None:
+    state = ProbeState.start({"failureThreshold": 2, "successThreshold": 1, "periodSeconds": 0}, True)
+    assert not state.record(False) and state.passing
+    assert state.record(False) and not state.passing
+    assert state.record(True) and state.passing
