@@ -1,0 +1,167 @@
+"""kopf wiring: the operator's settings, and which events trigger a reconcile. Nothing else.
+
+Choices (see DESIGN.md, Known pitfalls):
+- Only `kopf.on.event` handlers. They keep no state on the object: no finalizer (a WeightSync deleted while
+  the operator is down does not hang in Terminating; its children go through owner references and the
+  garbage collector) and no last-handled-configuration annotation (whose 256 KiB limit large pod
+  templates would hit). kopf lists every object when it starts and delivers each as an event, which is
+  the resume.
+- No kopf timers (they add finalizers): the Scheduler's own resync re-triggers every known WeightSync
+  every `resync_seconds`, and is paused while kopf's peering pauses this operator.
+- Blocking client calls run in threads (asyncio.to_thread), one reconcile at a time per object.
+- Watch timeouts are set at startup: a silent watch stream is re-opened instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from weightsync.api.models import GROUP, PLURAL, VERSION
+
+from . import constants as c
+from . import metrics
+from .kube import Conflict, Kube
+from .reconcile import reconcile
+from .scheduler import Key, Scheduler
+
+log = logging.getLogger("weightsync.operator")
+
+#: Retry delay after a status write lost a race (someone else changed the object first).
+CONFLICT_RETRY_SECONDS = 0.5
+
+
+@dataclass
+class Config:
+    """Settings that __main__ fills from the command line before kopf starts."""
+
+    metrics_port: int | None = 9090
+    resync_seconds: float = 30.0
+    watch_server_timeout: int = 60
+    watch_client_timeout: int = 90
+    watch_connect_timeout: int = 10
+
+
+CONFIG = Config()
+_state: dict[str, Any] = {}
+
+
+def _api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def _reconcile_key(key: Key) -> float | None:
+    kube: Kube = _state["kube"]
+    started = time.monotonic()
+    metrics.RECONCILES.inc()
+    try:
+        result = reconcile(kube, *key)
+    except Conflict as err:
+        log.info("status write conflict (%s); reconciling again", err)
+        return CONFLICT_RETRY_SECONDS
+    except Exception:
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    metrics.set_phase(key, result.phase)
+    if not result.found:
+        _scheduler().forget(key)
+        return None
+    metrics.RESTARTS.inc(result.failures)
+    if result.epoch_changed:
+        metrics.EPOCH_CHANGES.inc()
+    return result.requeue_after
+
+
+def _scheduler() -> Scheduler:
+    sched: Scheduler = _state["scheduler"]
+    return sched
+
+
+class _PeeringPause(logging.Handler):
+    """Follows kopf's peering pause/resume (kopf keeps that state private; it logs each transition)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Pausing"):
+            self.scheduler.paused = True
+        elif text.startswith("Resuming"):
+            self.scheduler.paused = False
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.watching.server_timeout = CONFIG.watch_server_timeout
+    settings.watching.client_timeout = CONFIG.watch_client_timeout
+    settings.watching.connect_timeout = CONFIG.watch_connect_timeout
+    settings.networking.request_timeout = 60
+    settings.posting.enabled = False  # the operator posts its own Events; kopf's would need more RBAC
+    settings.scanning.disabled = True  # fixed resources: no list/watch on namespaces and CRDs
+    settings.peering.priority = settings.peering.priority or _random_priority()
+
+    _state["kube"] = Kube(await asyncio.to_thread(_api_client))
+    scheduler = Scheduler(_reconcile_key)
+    _state["scheduler"] = scheduler
+    logging.getLogger("kopf._core.engines.peering").addHandler(_PeeringPause(scheduler))
+    _state["resync"] = asyncio.get_running_loop().create_task(scheduler.resync(CONFIG.resync_seconds))
+    if CONFIG.metrics_port is not None:
+        start_http_server(CONFIG.metrics_port)
+    for phase in metrics.PHASES:
+        metrics.GROUPS.labels(phase=phase).set(0)
+    log.info("weightsync operator started (peering priority %s)", settings.peering.priority)
+
+
+def _random_priority() -> int:
+    # Equal priorities freeze every peer (DESIGN.md): draw one unless the command line gave one.
+    import random  # noqa: PLC0415
+
+    return random.randint(1, 2**31 - 1)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    task = _state.pop("resync", None)
+    if task is not None:
+        task.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def weightsync_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+    key = (namespace or "", name)
+    if event["type"] == "DELETED":
+        _scheduler().forget(key)
+        metrics.set_phase(key, None)
+        return
+    await _scheduler().trigger(key)
+
+
+_CHILD_LABELS: dict[str, Any] = {
+    c.MANAGED_BY_LABEL: c.OPERATOR_NAME,
+    c.NAME_LABEL: kopf.PRESENT,
+}
+
+
+@kopf.on.event("", "v1", "pods", labels=_CHILD_LABELS)
+async def pod_event(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    await _scheduler().trigger((namespace or "", labels[c.NAME_LABEL]))
+
+
+@kopf.on.event("", "v1", "services", labels=_CHILD_LABELS)
+async def service_event(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    await _scheduler().trigger((namespace or "", labels[c.NAME_LABEL]))

@@ -1,0 +1,213 @@
+"""The one module that talks to the API server (blocking; called from worker threads, never the event loop).
+
+Reads come back as plain dicts in the API server's own field names; writes send plain dicts. A create
+answered 409 is success (the object is there: idempotent after a crash); a patch or delete answered 404 is
+success too (it is gone; the next reconcile decides again). Deletes carry the pod's uid as a precondition,
+so a pod re-created under the same name is never deleted by mistake. The status is written with the read
+resourceVersion as a precondition: two writers (a peer operator, a retry) cannot both bump the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from weightsync.api.models import GROUP, PLURAL, VERSION
+
+from . import constants as c
+from .plan import (
+    Action,
+    Create,
+    Delete,
+    Event,
+    Observed,
+    Patch,
+    WeightSyncObject,
+    observe_pod,
+)
+
+log = logging.getLogger("weightsync.operator.kube")
+
+Obj = dict[str, Any]
+MERGE = "application/merge-patch+json"
+
+#: Test hook: exit the process abruptly (as a SIGKILL would) after this many API writes, to prove that a
+#: reconcile killed at any point is repaired by the next one. Unset in production.
+CRASH_AFTER_WRITES_ENV = "WEIGHTSYNC_TEST_CRASH_AFTER_WRITES"
+
+
+class Conflict(Exception):
+    """The WeightSync changed between our read and our status write; reconcile again."""
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._writes = 0
+        crash = os.environ.get(CRASH_AFTER_WRITES_ENV)
+        self._crash_after = int(crash) if crash else None
+
+    # --- reads ----------------------------------------------------------------------------------------
+
+    def get_weightsync(self, namespace: str, name: str) -> Obj | None:
+        try:
+            obj = cast(Obj, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return obj
+
+    def observe(self, ws: WeightSyncObject) -> Observed:
+        ns, name = ws.namespace, ws.name
+        raw = self._raw(
+            self.core.list_namespaced_pod, ns, label_selector=f"{c.NAME_LABEL}={name}", _preload_content=False
+        )
+        pods = {p["metadata"]["name"]: observe_pod(p, ws.uid) for p in (raw or {}).get("items", [])}
+        return Observed(
+            pods=pods,
+            service=self._raw(
+                self.core.read_namespaced_service, c.service_name(name), ns, _preload_content=False
+            ),
+            secret=self._meta_only(
+                self._raw(self.core.read_namespaced_secret, c.secret_name(name), ns, _preload_content=False)
+            ),
+            role=self._raw(
+                self.rbac.read_namespaced_role, c.report_role_name(name), ns, _preload_content=False
+            ),
+            role_binding=self._raw(
+                self.rbac.read_namespaced_role_binding, c.report_role_name(name), ns, _preload_content=False
+            ),
+        )
+
+    @staticmethod
+    def _raw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj | None:
+        """Call a read returning the raw JSON (field names as the API server spells them); None on 404."""
+        try:
+            response = fn(*args, **kwargs)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        out: Obj = json.loads(response.data)
+        return out
+
+    @staticmethod
+    def _meta_only(secret: Obj | None) -> Obj | None:
+        """Planning needs to know the Secret exists and who owns it, never its data."""
+        return None if secret is None else {"metadata": secret.get("metadata", {})}
+
+    # --- writes ---------------------------------------------------------------------------------------
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._crash_after is not None and self._writes >= self._crash_after:
+            log.warning("test hook %s=%s: exiting abruptly", CRASH_AFTER_WRITES_ENV, self._crash_after)
+            logging.shutdown()
+            os._exit(137)
+
+    def write_status(self, ws: Obj, status: Obj) -> None:
+        meta = ws["metadata"]
+        body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _content_type=MERGE
+            )
+        except ApiException as err:
+            if err.status in (404, 409):
+                raise Conflict(f"{meta['namespace']}/{meta['name']}: {err.reason}") from None
+            raise
+        self._wrote()
+
+    def apply(self, namespace: str, action: Action) -> bool:
+        """Carry out one action; False when it found nothing to do (409 on create, 404 on patch/delete)."""
+        try:
+            if isinstance(action, Create):
+                self._create(namespace, action.obj)
+            elif isinstance(action, Patch):
+                self._patch(namespace, action)
+            else:
+                self._delete(namespace, action)
+        except ApiException as err:
+            if (isinstance(action, Create) and err.status == 409) or (
+                not isinstance(action, Create) and err.status in (404, 409)
+            ):
+                return False
+            raise
+        finally:
+            self._wrote()
+        return True
+
+    def _create(self, ns: str, obj: Obj) -> None:
+        kind = obj["kind"]
+        creators: dict[str, Callable[..., Any]] = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+            "Secret": self.core.create_namespaced_secret,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }
+        creators[kind](ns, obj, field_manager=c.OPERATOR_NAME, _preload_content=False)
+
+    def _patch(self, ns: str, action: Patch) -> None:
+        patchers: dict[str, Callable[..., Any]] = {
+            "Pod": self.core.patch_namespaced_pod,
+            "Service": self.core.patch_namespaced_service,
+            "Role": self.rbac.patch_namespaced_role,
+            "RoleBinding": self.rbac.patch_namespaced_role_binding,
+        }
+        patchers[action.kind](
+            action.name,
+            ns,
+            action.patch,
+            field_manager=c.OPERATOR_NAME,
+            _content_type=MERGE,
+            _preload_content=False,
+        )
+
+    def _delete(self, ns: str, action: Delete) -> None:
+        assert action.kind == "Pod", action
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=action.uid))
+        self.core.delete_namespaced_pod(action.name, ns, body=body, _preload_content=False)
+
+    def post_event(self, ws: Obj, event: Event, now: datetime) -> None:
+        """A core/v1 Event on the WeightSync (best effort: a failure is logged, never raised)."""
+        meta = ws["metadata"]
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": ws["apiVersion"],
+                "kind": ws["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1000],
+            "source": {"component": c.OPERATOR_NAME},
+            "reportingComponent": c.OPERATOR_NAME,
+            "reportingInstance": os.environ.get("HOSTNAME", c.OPERATOR_NAME),
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], cast(Any, body), _preload_content=False)
+        except ApiException as err:
+            log.warning(
+                "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], err
+            )

@@ -1,0 +1,57 @@
+"""The RBAC rules the operator needs, as data: the Helm chart's ClusterRole is checked against this list.
+
+Each rule names the code that uses it. Nothing else is needed: kopf's event posting and its dynamic
+scanning of namespaces and CRDs are turned off (handlers.py), the operator's handlers are event handlers
+(no finalizers, no last-handled-configuration annotation: kopf never patches a WeightSync), and owner
+references carry no blockOwnerDeletion (which would need `update` on weightsyncs/finalizers).
+
+Creating the Role `<ws>-trainer-report` (get, patch on one pod) is allowed because the operator itself
+holds get and patch on pods (RBAC's escalation check); no `bind` or `escalate` verb is needed.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class Rule(TypedDict):
+    apiGroups: list[str]
+    resources: list[str]
+    verbs: list[str]
+
+
+REQUIRED_RULES: list[Rule] = [
+    # kopf watches WeightSyncs (list, watch); reconcile reads one (get).
+    {"apiGroups": ["weightsync.dev"], "resources": ["weightsyncs"], "verbs": ["get", "list", "watch"]},
+    # reconcile writes the status (merge patch with a resourceVersion precondition).
+    {"apiGroups": ["weightsync.dev"], "resources": ["weightsyncs/status"], "verbs": ["patch"]},
+    # member pods: kopf watches them (list, watch); kube.observe lists them; create, delete (failed or scaled
+    # away), patch (epoch annotations).
+    {
+        "apiGroups": [""],
+        "resources": ["pods"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    # the headless Service: kopf watches it (drift), kube.observe reads it, create, patch (drift repair).
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # the token Secret: read by name and created; never listed or watched (no reading of other Secrets).
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    # Events about every decision.
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # the trainer's report Role and RoleBinding: read by name, created, repaired.
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": ["get", "create", "patch"],
+    },
+]
+
+#: kopf peering (unless --standalone): kopf watches the peering object and patches its own entry in it.
+#: Cluster-wide operators use ClusterKopfPeering, namespaced ones KopfPeering in each watched namespace.
+PEERING_RULES: list[Rule] = [
+    {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["clusterkopfpeerings", "kopfpeerings"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+]
