@@ -18,7 +18,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from weightsync.sandbox import network, node, procs
+from weightsync.sandbox import gpus, network, node, procs
+from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.podspec import Obj, render_hosts
 from weightsync.sandbox.podworker import AgentContext, PodWorker
@@ -56,6 +57,7 @@ class Agent:
             backoff_base_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_BASE_S", "2")),
             backoff_cap_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_CAP_S", "60")),
             hosts_for=self.hosts_for,
+            gpus=GpuAllocator(gpus.detect()),
             release_ip=self.release_ip,
         )
 

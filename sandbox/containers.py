@@ -90,4 +90,6 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    # down() finds containers through these files even when the agent is gone (hostNetwork pods have no netns)
+    spec_file.with_suffix(".pid").write_text(f"{popen.pid} {procs.start_time(popen.pid)}\n")
     return Process(popen, time.time())

@@ -113,6 +113,10 @@ class Sandbox:
     def up(self) -> Sandbox:
         """Starts whatever is not running (idempotent) and waits until the node is Ready."""
         lay = self.layout
+        if os.geteuid() != 0:
+            raise PermissionError(
+                "the sandbox needs root: it creates a bridge, network namespaces and bind mounts for pods"
+            )
         _log(f"state directory {self.state_dir}")
         self._bin_dir = build_binaries()
         lay.run.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,7 @@ class Sandbox:
         stopped = self._stop_processes()
         for netns in self.net.list_netns():
             self._kill_netns(netns)
+        self._kill_recorded_containers()
         network.delete_bridge(self.net)
         _log(f"stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
 
@@ -298,6 +303,14 @@ class Sandbox:
             if procs.stop(name, self.layout.run, grace=20.0 if name == AGENT else 10.0):
                 stopped.append(name)
         return stopped
+
+    def _kill_recorded_containers(self) -> None:
+        for pid_file in self.layout.pods.glob("*/run/*.pid"):
+            pid = procs.running_pid(pid_file.stem, pid_file.parent)
+            pid_file.unlink(missing_ok=True)
+            if pid is not None:
+                for p in [pid, *procs.descendants(pid)]:
+                    procs.kill_group(p, signal.SIGKILL)
 
     def _kill_netns(self, netns: str) -> None:
         pids = network.netns_pids(netns)

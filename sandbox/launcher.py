@@ -46,7 +46,8 @@ def main() -> None:
     try:
         for m in spec["mounts"]:
             bind(m["source"], m["target"], bool(m.get("readOnly")))
-        socket.sethostname(spec["hostname"])
+        if spec.get("hostname"):  # None: a hostNetwork pod keeps the node's name, as on a real node
+            socket.sethostname(spec["hostname"])
         os.chdir(spec.get("workingDir") or "/")
     except OSError as e:
         print(f"weightsync sandbox: cannot set up the container: {e}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ import platform
 from datetime import UTC, datetime
 from typing import Any
 
+from weightsync.sandbox import gpus
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.podspec import Obj
 
@@ -15,13 +16,13 @@ LEASE_SECONDS = 40
 
 
 def capacity() -> dict[str, str]:
-    """Advertised (not enforced) capacity; pods are processes, GPUs are a label of intent here."""
+    """Advertised (not enforced) capacity; nvidia.com/gpu is the real count where there are GPUs."""
     return {
         "cpu": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_CPU", "32"),
         "memory": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_MEMORY", "128Gi"),
         "pods": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_PODS", "110"),
         "ephemeral-storage": "100Gi",
-        "nvidia.com/gpu": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_GPUS", "8"),
+        "nvidia.com/gpu": str(gpus.detect() or os.environ.get("WEIGHTSYNC_SANDBOX_NODE_GPUS", "8")),
     }
 
 

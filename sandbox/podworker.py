@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.sandbox import containers, network, procs, volumes
+from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.podspec import (
     ConfigError,
@@ -54,6 +56,7 @@ class AgentContext:
     backoff_cap_s: float
     hosts_for: Callable[[Obj], str]
     release_ip: Callable[[str], None]
+    gpus: GpuAllocator
 
 
 @dataclass
@@ -195,6 +198,8 @@ class PodWorker(threading.Thread):
 
     def _write_hosts(self, pod: Obj) -> None:
         text = self.ctx.hosts_for({**pod, "status": {**pod.get("status", {}), "podIP": self.pod_ip}})
+        if self.host_network:  # the node's own names too, as a hostNetwork pod sees them on a real node
+            text += "# the node's /etc/hosts\n" + Path("/etc/hosts").read_text(errors="replace")
         if text != self.hosts_text:
             with open(self.dir / "etc" / "hosts", "w") as f:  # in place: the bind mount follows the inode
                 f.write(text)
@@ -208,6 +213,7 @@ class PodWorker(threading.Thread):
             procs.wait_gone(pids, 10.0)
             network.delete_netns(self.netns)
         volumes.remove(self.vols)
+        self.ctx.gpus.release(self.uid)
         if not self.host_network:
             self.ctx.release_ip(self.pod_ip)
 
@@ -252,7 +258,7 @@ class PodWorker(threading.Thread):
         return {
             "PATH": f"{ctx.venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root",
-            "HOSTNAME": pod_hostname(pod),
+            "HOSTNAME": socket.gethostname() if self.host_network else pod_hostname(pod),
             "KUBERNETES_SERVICE_HOST": ctx.api_host,
             "KUBERNETES_SERVICE_PORT": port,
             "KUBERNETES_SERVICE_PORT_HTTPS": port,
@@ -269,9 +275,8 @@ class PodWorker(threading.Thread):
             "hostIP": self.ctx.node_ip,
             "hostIPs": [{"ip": self.ctx.node_ip}],
         }
-        env = resolve_env(
-            {**pod, "status": {**pod.get("status", {}), **ips}}, c.spec, self._base_env(pod), lookup
-        )
+        base = {**self._base_env(pod), **self.ctx.gpus.env(self.uid, c.spec)}
+        env = resolve_env({**pod, "status": {**pod.get("status", {}), **ips}}, c.spec, base, lookup)
         argv = command_line(c.spec, env)
         etc = self.dir / "etc"
         mounts: list[dict[str, Any]] = [
@@ -286,7 +291,7 @@ class PodWorker(threading.Thread):
             argv=argv,
             env=env,
             mounts=mounts,
-            hostname=pod_hostname(pod),
+            hostname=None if self.host_network else pod_hostname(pod),
             working_dir=c.spec.get("workingDir"),
             log_file=self.dir / "logs" / f"{c.name}.log",
         )
@@ -311,7 +316,7 @@ class PodWorker(threading.Thread):
             return
         try:
             self._start(pod, c)
-        except ConfigError as e:
+        except (ConfigError, RuntimeError) as e:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
             c.next_start = time.monotonic() + 1.0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -399,6 +400,14 @@ def test_pods_use_in_cluster_config_with_their_service_account(sandbox: Sandbox,
         ("get", "pods"),
         ("list", "secrets"),
     }
+
+
+def test_host_network_pods_keep_the_node_name_and_address(sandbox: Sandbox, namespace: str) -> None:
+    script = "import socket; print('host', socket.gethostname(), socket.gethostbyname(socket.gethostname()))"
+    apply(sandbox, namespace, python_pod("hostnet", script, hostNetwork=True, restartPolicy="Never"))
+    pod = wait_phase(sandbox, namespace, "hostnet", "Succeeded")
+    assert pod["status"]["podIP"] == sandbox.net.gateway
+    assert f"host {socket.gethostname()} " in sandbox.pod_log(namespace, "hostnet", "main")
 
 
 def test_down_leaves_nothing_running(sandbox: Sandbox, namespace: str) -> None:
