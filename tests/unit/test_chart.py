@@ -224,7 +224,7 @@ def test_all_namespaces_uses_one_cluster_role() -> None:
     assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
     role, binding = one(objs, "ClusterRole"), one(objs, "ClusterRoleBinding")
     resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert {"weightsyncs", "pods", "customresourcedefinitions"} <= resources
+    assert {"weightsyncs", "pods", "secrets"} <= resources
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(objs, "ServiceAccount")["metadata"]
@@ -240,9 +240,8 @@ def test_watch_namespaces_uses_a_role_per_namespace() -> None:
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role"
         assert b["subjects"][0]["namespace"] == NAMESPACE, "the ServiceAccount lives in the release namespace"
-    # Nothing namespaced is granted cluster-wide.
-    cluster_resources = {r for rule in one(objs, "ClusterRole")["rules"] for r in rule["resources"]}
-    assert cluster_resources == {"customresourcedefinitions"}
+    # Nothing is granted cluster-wide: the operator needs nothing cluster-scoped then.
+    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
     role_resources = {r for rule in roles[0]["rules"] for r in rule["resources"]}
     assert {"weightsyncs", "pods", "secrets"} <= role_resources
 
@@ -271,7 +270,7 @@ def test_peering_namespaced() -> None:
     assert not by_kind(objs, "ClusterKopfPeering")
     for role in by_kind(objs, "Role"):
         assert any(rule["resources"] == ["kopfpeerings"] for rule in role["rules"])
-    assert not any("clusterkopfpeerings" in rule["resources"] for rule in one(objs, "ClusterRole")["rules"])
+    assert not by_kind(objs, "ClusterRole")
 
 
 def test_no_peering_grants_nothing_for_peering() -> None:

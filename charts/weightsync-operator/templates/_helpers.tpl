@@ -66,44 +66,46 @@ weightsync-operator
 {{- end }}
 
 {{/*
-RBAC. These are the rules of the operator's code, `REQUIRED_RULES` in operator/rbac.py: a unit test
-(tests/unit/test_chart_rbac.py) fails when they differ, and an integration test fails on any rule here
-that the operator did not use during a full reconcile (read from the API server's audit log).
+RBAC. These are exactly the rules of the operator's code: `REQUIRED_RULES` and `PEERING_RULES` in
+operator/rbac.py. tests/unit/test_chart_rbac.py fails when they differ, and
+tests/integration/test_chart_install.py fails on any rule here that the operator did not use during a full
+reconcile (read from the API server's audit log). kopf's CRD and namespace scanning and its own event
+posting are off in the operator, so nothing cluster-scoped is needed unless peering is cluster-wide.
 
-"weightsync-operator.namespacedRules": on objects in the watched namespaces. Bound by a ClusterRole when
+"weightsync-operator.namespacedRules": on objects in the watched namespaces. Granted by a ClusterRole when
 all namespaces are watched, by a Role in each namespace otherwise.
 */}}
 {{- define "weightsync-operator.namespacedRules" -}}
-# The WeightSync objects: kopf lists and watches them and patches its finalizer and progress annotations.
+# WeightSync objects: kopf watches them (list, watch); a reconcile reads one (get).
 - apiGroups: ["weightsync.dev"]
   resources: ["weightsyncs"]
-  verbs: ["get", "list", "watch", "patch"]
-# Their status (phase, conditions, members, epoch).
+  verbs: ["get", "list", "watch"]
+# Their status: phase, conditions, members, epoch (a merge patch with a resourceVersion precondition).
 - apiGroups: ["weightsync.dev"]
   resources: ["weightsyncs/status"]
-  verbs: ["get", "patch"]
-# The trainer and inference pods: created, watched, annotated with the epoch, deleted on scale-down.
+  verbs: ["patch"]
+# Member pods: watched, created, annotated with the epoch (patch), deleted when failed or scaled away.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The headless Service of each group.
+# The group's headless Service: watched for drift, created, repaired.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The Secret holding each group's token.
+# The group's token Secret: read by name and created; Secrets are never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create"]
-# The per-group Role and RoleBinding that let the trainer patch its own pod's sync report annotation.
-- apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch"]
-# Events about every decision.
+  verbs: ["get", "create"]
+# An Event for every decision.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The trainer's report Role and RoleBinding (get, patch on its own pod only): read, created, repaired.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
 {{- if and .Values.peering.enabled .Values.watchNamespaces }}
-# kopf peering, one KopfPeering per watched namespace: the replicas' keep-alives.
+# kopf peering in each watched namespace: kopf watches the KopfPeering and patches its own entry.
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
@@ -111,15 +113,12 @@ all namespaces are watched, by a Role in each namespace otherwise.
 {{- end }}
 
 {{/*
-"weightsync-operator.clusterRules": on cluster-scoped objects, always bound by a ClusterRole.
+"weightsync-operator.clusterRules": on cluster-scoped objects, granted by a ClusterRole; empty (and no
+ClusterRole rendered for them) unless peering is cluster-wide.
 */}}
 {{- define "weightsync-operator.clusterRules" -}}
-# kopf discovers the WeightSync CRD and notices when it is (re)installed.
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
 {{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
-# kopf peering, cluster-wide: the replicas' keep-alives.
+# kopf peering, cluster-wide: kopf watches the ClusterKopfPeering and patches its own entry.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
