@@ -21,6 +21,7 @@ from pathlib import Path
 from weightsync.sandbox import gpus, network, node, procs
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
+from weightsync.sandbox.kubelet_server import KubeletServer
 from weightsync.sandbox.podspec import Obj, render_hosts
 from weightsync.sandbox.podworker import AgentContext, PodWorker
 
@@ -37,6 +38,7 @@ class Agent:
         self.client = KubeClient.from_kubeconfig(Path(args.kubeconfig))
         self.node_name: str = args.node_name
         self.api_host: str = args.api_host
+        self.kubelet_port: int = args.kubelet_port
         self.net = network.PodNetwork.for_state_dir(Path(args.state_dir))
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -73,6 +75,17 @@ class Agent:
             services = list(self.services.values())
         text: str = render_hosts(pod, pods, services, self.api_host)
         return text
+
+    def pod_alive(self, namespace: str, name: str) -> bool:
+        """Whether a worker still runs pod namespace/name (a followed log ends when it does not)."""
+        with self.lock:
+            workers = list(self.workers.values())
+        return any(
+            w.pod["metadata"]["namespace"] == namespace
+            and w.pod["metadata"]["name"] == name
+            and not w.finished.is_set()
+            for w in workers
+        )
 
     def allocate_ip(self) -> str:
         with self.lock:
@@ -187,7 +200,7 @@ class Agent:
                     self.services[key] = obj
 
     def heartbeat(self) -> None:
-        node.heartbeat(self.client, self.node_name, self.api_host)
+        node.heartbeat(self.client, self.node_name, self.api_host, self.kubelet_port)
 
     # -- main ---------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -196,7 +209,14 @@ class Agent:
             for pid in network.netns_pids(netns):
                 procs.kill_group(pid, signal.SIGKILL)
             network.delete_netns(netns)
-        node.register(self.client, self.node_name, self.api_host)
+        server = KubeletServer(
+            (self.api_host, self.kubelet_port),
+            self.ctx.state_dir / "pki",
+            self.ctx.state_dir / "pods",
+            self.pod_alive,
+        )
+        server.serve_in_background()
+        node.register(self.client, self.node_name, self.api_host, self.kubelet_port)
         _log(f"registered node {self.node_name}")
         threads = [
             threading.Thread(target=self._loop, args=("pods", self.watch_pods, 0.0), daemon=True),
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node-name", default="sandbox-node-0")
     parser.add_argument("--api-host", required=True)
     parser.add_argument("--api-port", required=True)
+    parser.add_argument("--kubelet-port", type=int, required=True)
     agent = Agent(parser.parse_args(argv))
 
     def on_signal(signum: int, _frame: object) -> None:

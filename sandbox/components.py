@@ -64,6 +64,7 @@ class Ports:
     etcd_client: int
     etcd_peer: int
     apiserver: int
+    kubelet: int
 
 
 def etcd_argv(bin_dir: Path, lay: Layout, ports: Ports) -> list[str]:
@@ -107,6 +108,10 @@ def apiserver_argv(bin_dir: Path, lay: Layout, ports: Ports, address: str) -> li
         "--audit-log-format=json",
         "--audit-log-maxsize=1000",
         "--audit-log-mode=blocking",
+        f"--kubelet-client-certificate={pki / 'admin.crt'}",
+        f"--kubelet-client-key={pki / 'admin.key'}",
+        f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+        "--kubelet-preferred-address-types=InternalIP",
         "--profiling=false",
         "--v=1",
     ]

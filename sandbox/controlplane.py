@@ -222,7 +222,7 @@ class Sandbox:
     # -- internals --------------------------------------------------------------------------------------
     def _start_core(self) -> Ports:
         lay = self.layout
-        ports = Ports(free_port(), free_port(), free_port(self.net.gateway))
+        ports = Ports(free_port(), free_port(), free_port(self.net.gateway), free_port(self.net.gateway))
         (lay.run / "ports.json").write_text(json.dumps(asdict(ports)))
         _log(f"starting etcd on 127.0.0.1:{ports.etcd_client}")
         procs.spawn("etcd", etcd_argv(self.bin_dir, lay, ports), lay.run, lay.logs)
@@ -260,6 +260,8 @@ class Sandbox:
             self.net.gateway,
             "--api-port",
             str(ports.apiserver),
+            "--kubelet-port",
+            str(ports.kubelet),
         ]
 
     def _agent_env(self) -> dict[str, str]:

@@ -43,7 +43,7 @@ def node_object(name: str) -> Obj:
     }
 
 
-def node_status(address: str, ready: bool = True) -> Obj:
+def node_status(address: str, kubelet_port: int, ready: bool = True) -> Obj:
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def cond(ctype: str, status: str, reason: str, message: str) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def node_status(address: str, ready: bool = True) -> Obj:
             ),
         ],
         "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": address}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "machineID": "",
             "systemUUID": "",
@@ -97,19 +97,19 @@ def _keep_transition_times(new: Obj, old: Obj) -> None:
             c["lastTransitionTime"] = p["lastTransitionTime"]
 
 
-def register(client: KubeClient, name: str, address: str) -> None:
+def register(client: KubeClient, name: str, address: str, kubelet_port: int) -> None:
     """Creates the Node when missing, then posts its status (Ready)."""
     try:
         client.post("/api/v1/nodes", node_object(name))
     except ApiError as e:
         if e.status != 409:
             raise
-    heartbeat(client, name, address)
+    heartbeat(client, name, address, kubelet_port)
 
 
-def heartbeat(client: KubeClient, name: str, address: str) -> None:
+def heartbeat(client: KubeClient, name: str, address: str, kubelet_port: int) -> None:
     """Posts the node status (heartbeat times) and renews the node's Lease."""
-    status = node_status(address)
+    status = node_status(address, kubelet_port)
     _keep_transition_times(status, client.get(f"/api/v1/nodes/{name}").get("status", {}))
     client.merge_patch(f"/api/v1/nodes/{name}/status", {"status": status})
     renew = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -393,6 +393,7 @@ def test_pods_use_in_cluster_config_with_their_service_account(sandbox: Sandbox,
     log = sandbox.pod_log(namespace, "sa-user", "main")
     assert "own pod sa-user" in log
     assert "secrets 403" in log  # the ServiceAccount's token, not an admin credential
+    assert sandbox.kubectl("logs", "sa-user", "-n", namespace).stdout == log.split("\n", 1)[1]  # via the API
 
     user = f"system:serviceaccount:{namespace}:reader"
     events = [json.loads(line) for line in sandbox.audit_log.read_text().splitlines() if user in line]

@@ -155,3 +155,12 @@ def test_probe_thresholds() -> None:
     assert not state.record(False) and state.passing
     assert state.record(False) and not state.passing
     assert state.record(True) and state.passing
+
+
+def test_container_log_runs_and_tail() -> None:
+    from weightsync.sandbox.kubelet_server import current_run, tail
+
+    log = "==== 2026-11-28T20:00:00 python a\none\n==== two\n==== 2026-11-28T20:00:05 python a\nthree\n"
+    assert current_run(log, previous=False) == "three\n"
+    assert current_run(log, previous=True) == "one\n==== two\n"
+    assert tail("a\nb\nc\n", 2) == "b\nc\n"
