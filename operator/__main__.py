@@ -14,6 +14,7 @@ import os
 import sys
 
 import kopf
+from prometheus_client import start_http_server
 
 from . import constants as c
 from . import handlers
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
-    handlers.CONFIG.metrics_port = args.metrics_port or None
+    if args.metrics_port:
+        start_http_server(args.metrics_port)  # before kopf: a busy port fails fast, with exit code 1
     handlers.CONFIG.resync_seconds = args.resync_seconds
     kopf.run(
         clusterwide=not args.namespace,

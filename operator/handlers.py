@@ -22,7 +22,6 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
-from prometheus_client import start_http_server
 
 from weightsync.api.models import GROUP, PLURAL, VERSION
 
@@ -42,7 +41,6 @@ CONFLICT_RETRY_SECONDS = 0.5
 class Config:
     """Settings that __main__ fills from the command line before kopf starts."""
 
-    metrics_port: int | None = 9090
     resync_seconds: float = 30.0
     watch_server_timeout: int = 60
     watch_client_timeout: int = 90
@@ -115,13 +113,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True  # fixed resources: no list/watch on namespaces and CRDs
     settings.peering.priority = settings.peering.priority or _random_priority()
 
+    if "scheduler" in _state:  # a retried startup
+        return
     _state["kube"] = Kube(await asyncio.to_thread(_api_client))
     scheduler = Scheduler(_reconcile_key)
     _state["scheduler"] = scheduler
     logging.getLogger("kopf._core.engines.peering").addHandler(_PeeringPause(scheduler))
     _state["resync"] = asyncio.get_running_loop().create_task(scheduler.resync(CONFIG.resync_seconds))
-    if CONFIG.metrics_port is not None:
-        start_http_server(CONFIG.metrics_port)
     for phase in metrics.PHASES:
         metrics.GROUPS.labels(phase=phase).set(0)
     log.info("weightsync operator started (peering priority %s)", settings.peering.priority)

@@ -454,7 +454,12 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         )
         condition("Degraded", True, reason, message)
     else:
-        condition("Degraded", False, c.REASON_RECOVERED if degraded_before else c.REASON_AS_EXPECTED, "")
+        settled = next(
+            (x.reason for x in old.conditions if x.type == "Degraded" and x.status == "False"), None
+        )
+        condition(
+            "Degraded", False, c.REASON_RECOVERED if degraded_before else settled or c.REASON_AS_EXPECTED, ""
+        )
     if phase == "Ready" and not any(x.type == "Ready" and x.status == "True" for x in old.conditions):
         events.append(
             Event("Normal", c.REASON_READY, f"all {len(all_slots)} members ready at epoch {new_epoch}")

@@ -1,0 +1,373 @@
+"""plan.py: desired vs observed -> status, actions, events; epoch bumps and restart accounting.
+
+A tiny in-memory "cluster" applies the planned actions the way the API server would, so scenarios can be
+played step by step, including a crash between recording the decision and acting on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from weightsync.operator import constants as c
+from weightsync.operator.plan import (
+    Create,
+    Delete,
+    Observed,
+    ObservedPod,
+    Patch,
+    Plan,
+    WeightSyncObject,
+    observe_pod,
+    plan,
+)
+
+UID = "ws-uid"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TOKEN = "t" * 43
+
+
+def spec(replicas: int = 2, workers: int = 1, **extra: Any) -> dict[str, Any]:
+    tpl = {"spec": {"containers": [{"name": "main", "image": "x"}]}}
+    return {
+        "trainer": {"template": tpl},
+        "inference": {"replicas": replicas, "workersPerReplica": workers, "template": tpl},
+        "failurePolicy": {"backoffSeconds": 0, **extra.pop("failurePolicy", {})},
+        **extra,
+    }
+
+
+@dataclass
+class Cluster:
+    spec: dict[str, Any]
+    status: dict[str, Any] = field(default_factory=dict)
+    generation: int = 1
+    pods: dict[str, ObservedPod] = field(default_factory=dict)
+    others: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> object
+    now: datetime = T0
+    events: list[str] = field(default_factory=list)
+
+    def ws(self) -> WeightSyncObject:
+        return WeightSyncObject("ws", "ns", UID, self.generation, self.spec, self.status)
+
+    def observed(self) -> Observed:
+        return Observed(
+            pods=dict(self.pods),
+            service=self.others.get("Service"),
+            secret=self.others.get("Secret"),
+            role=self.others.get("Role"),
+            role_binding=self.others.get("RoleBinding"),
+        )
+
+    def plan(self) -> Plan:
+        return plan(self.ws(), self.observed(), self.now, TOKEN)
+
+    def record(self, p: Plan) -> None:
+        """The executor's first step: write the status."""
+        self.status = p.status
+        self.events += [f"{e.reason}: {e.message}" for e in p.events]
+
+    def act(self, p: Plan) -> None:
+        for a in p.actions:
+            if isinstance(a, Create):
+                kind = a.obj["kind"]
+                if kind == "Pod":
+                    name = a.obj["metadata"]["name"]
+                    assert name not in self.pods, f"duplicate create of {name}"
+                    self.pods[name] = observe_pod({**a.obj, "status": {"phase": "Pending"}}, UID)
+                else:
+                    self.others[kind] = a.obj
+            elif isinstance(a, Patch) and a.kind == "Pod":
+                pod = self.pods[a.name]
+                annotations = {**pod.annotations, **a.patch["metadata"]["annotations"]}
+                self.pods[a.name] = replace(pod, annotations=annotations)
+            elif isinstance(a, Delete):
+                del self.pods[a.name]
+
+    def step(self) -> Plan:
+        p = self.plan()
+        self.record(p)
+        self.act(p)
+        return p
+
+    def run_all(self, phase: str = "Running", ready: bool = True) -> None:
+        for name, pod in self.pods.items():
+            self.pods[name] = replace(pod, phase=phase, ready=ready)
+
+    def converge(self) -> Plan:
+        for _ in range(10):
+            p = self.step()
+            self.run_all()
+            if not p.actions:
+                return self.step()
+        raise AssertionError("did not converge")
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {x["type"]: (x["status"], x["reason"]) for x in status["conditions"]}
+
+
+def ready_cluster(**kw: Any) -> Cluster:
+    cl = Cluster(spec(**kw))
+    cl.converge()
+    assert cl.status["phase"] == "Ready", cl.status
+    return cl
+
+
+def test_fresh_object_creates_every_child_once() -> None:
+    cl = Cluster(spec(replicas=3, workers=2))
+    p = cl.plan()
+    kinds = [a.obj["kind"] for a in p.actions if isinstance(a, Create)]
+    assert kinds == ["Service", "Secret", "Role", "RoleBinding", "Pod", "Pod", "Pod", "Pod"]
+    assert p.status["phase"] == "Pending"
+    assert p.status["epoch"] == 0
+    assert p.status["worldSize"] == 7
+    assert p.status["ready"] == "0/4"
+    assert p.status["selector"] == "weightsync.dev/name=ws,weightsync.dev/role=inference"
+    assert conditions(p.status)["Progressing"] == ("True", c.REASON_FORMING)
+
+
+def test_steady_state_is_a_fixed_point() -> None:
+    cl = ready_cluster()
+    p = cl.plan()
+    assert p.actions == [] and p.events == []
+    assert p.status == cl.status
+    assert cl.status["ready"] == "3/3"
+    assert cl.status["members"] == [
+        {"pod": "ws-trainer-0", "role": "trainer", "rankOffset": 0, "localWorldSize": 1, "ready": True},
+        {"pod": "ws-inference-0", "role": "inference", "rankOffset": 1, "localWorldSize": 1, "ready": True},
+        {"pod": "ws-inference-1", "role": "inference", "rankOffset": 2, "localWorldSize": 1, "ready": True},
+    ]
+    assert conditions(cl.status) == {
+        "Ready": ("True", c.REASON_READY),
+        "Progressing": ("False", "Ready"),
+        "Degraded": ("False", c.REASON_AS_EXPECTED),
+        "Failed": ("False", c.REASON_AS_EXPECTED),
+    }
+
+
+def test_forming_when_running_but_not_ready() -> None:
+    cl = Cluster(spec())
+    cl.step()
+    cl.run_all(ready=False)
+    p = cl.step()
+    assert p.status["phase"] == "Forming"
+    assert p.status["ready"] == "0/3"
+
+
+def test_failed_member_bumps_epoch_once_even_across_a_crash() -> None:
+    cl = ready_cluster()
+    cl.pods["ws-inference-1"] = replace(
+        cl.pods["ws-inference-1"], phase="Failed", ready=False, detail="exit 3"
+    )
+    p = cl.plan()
+    assert p.status["epoch"] == 1 and p.status["restarts"] == 1
+    assert p.status["phase"] == "Degraded"
+    assert conditions(p.status)["Degraded"] == ("True", c.REASON_MEMBER_FAILED)
+    assert [a.name for a in p.actions if isinstance(a, Delete)] == ["ws-inference-1"]
+    patched = {a.name: a.patch for a in p.actions if isinstance(a, Patch)}
+    assert set(patched) == {"ws-trainer-0", "ws-inference-0"}
+    assert patched["ws-inference-0"]["metadata"]["annotations"] == {c.EPOCH: "1"}
+    assert any("exit 3" in e.message for e in p.events)
+
+    cl.record(p)  # the operator dies here: decision recorded, nothing done
+    again = cl.plan()
+    assert again.status["epoch"] == 1 and again.status["restarts"] == 1, "counted twice"
+    cl.record(again)
+    cl.act(again)
+    third = cl.step()  # the failed pod is gone: re-create it at the new epoch
+    created = [a.obj for a in third.actions if isinstance(a, Create)]
+    assert [o["metadata"]["name"] for o in created] == ["ws-inference-1"]
+    assert created[0]["metadata"]["annotations"][c.EPOCH] == "1"
+    cl.run_all()
+    final = cl.converge()
+    assert final.status["phase"] == "Ready"
+    assert final.status["epoch"] == 1 and final.status["restarts"] == 1
+    assert conditions(final.status)["Degraded"] == ("False", c.REASON_RECOVERED)
+    assert {p.annotations[c.EPOCH] for p in cl.pods.values()} == {"1"}
+
+
+def test_vanished_member_bumps_epoch_and_is_recreated_once() -> None:
+    cl = ready_cluster()
+    del cl.pods["ws-trainer-0"]
+    p = cl.plan()
+    assert p.status["epoch"] == 1 and p.status["restarts"] == 1
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == ["ws-trainer-0"]
+    cl.record(p)  # crash before the create
+    again = cl.step()
+    assert again.status["epoch"] == 1 and again.status["restarts"] == 1
+    assert [a.obj["metadata"]["name"] for a in again.actions if isinstance(a, Create)] == ["ws-trainer-0"]
+
+
+def test_terminating_member_counts_once_and_waits_until_gone() -> None:
+    cl = ready_cluster()
+    cl.pods["ws-inference-0"] = replace(cl.pods["ws-inference-0"], terminating=True)
+    p = cl.step()
+    assert p.status["epoch"] == 1
+    assert not [a for a in p.actions if isinstance(a, Create)], "same name still exists"
+    p = cl.step()
+    assert p.status["epoch"] == 1 and p.status["restarts"] == 1
+    del cl.pods["ws-inference-0"]
+    p = cl.step()
+    assert p.status["epoch"] == 1
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == ["ws-inference-0"]
+
+
+def test_stale_failed_pod_is_deleted_without_counting() -> None:
+    cl = ready_cluster()
+    cl.status = {**cl.status, "epoch": 5, "members": []}
+    cl.pods["ws-inference-0"] = replace(cl.pods["ws-inference-0"], phase="Failed")
+    p = cl.plan()
+    assert p.status["restarts"] == 0
+    assert [a.name for a in p.actions if isinstance(a, Delete)] == ["ws-inference-0"]
+
+
+def test_scale_up_and_down_bump_epoch_without_restarts() -> None:
+    cl = ready_cluster()
+    cl.spec = spec(replicas=4)
+    cl.generation = 2
+    p = cl.step()
+    assert p.status["epoch"] == 1 and p.status["worldSize"] == 5 and p.status["restarts"] == 0
+    assert sorted(a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)) == [
+        "ws-inference-2",
+        "ws-inference-3",
+    ]
+    assert any(e.reason == c.REASON_SCALED for e in p.events)
+    cl.run_all()
+    assert cl.converge().status["ready"] == "5/5"
+
+    cl.spec = spec(replicas=1)
+    p = cl.step()
+    assert p.status["epoch"] == 2 and p.status["worldSize"] == 2 and p.status["restarts"] == 0
+    assert sorted(a.name for a in p.actions if isinstance(a, Delete)) == [
+        "ws-inference-1",
+        "ws-inference-2",
+        "ws-inference-3",
+    ]
+    final = cl.converge()
+    assert final.status["replicas"] == 1 and final.status["ready"] == "2/2" and final.status["epoch"] == 2
+
+
+def test_max_restarts_fails_the_object_and_stops_acting() -> None:
+    cl = ready_cluster(failurePolicy={"maxRestarts": 1})
+    cl.pods["ws-inference-0"] = replace(cl.pods["ws-inference-0"], phase="Failed")
+    cl.step()
+    cl.run_all()
+    assert cl.converge().status["phase"] == "Ready"
+    cl.pods["ws-inference-1"] = replace(cl.pods["ws-inference-1"], phase="Failed")
+    p = cl.step()
+    assert p.status["phase"] == "Failed" and p.status["restarts"] == 2
+    assert conditions(p.status)["Failed"] == ("True", c.REASON_MAX_RESTARTS)
+    assert "maxRestarts=1" in next(x["message"] for x in p.status["conditions"] if x["type"] == "Failed")
+    assert p.actions == []
+    assert any(e.reason == c.REASON_MAX_RESTARTS for e in p.events)
+    # raising the bound resumes
+    cl.spec = spec(failurePolicy={"maxRestarts": 5})
+    p = cl.step()
+    assert p.status["phase"] != "Failed"
+    assert [a.name for a in p.actions if isinstance(a, Delete)] == ["ws-inference-1"]
+
+
+def test_reserved_env_refuses_everything_with_one_event() -> None:
+    s = spec()
+    s["trainer"]["template"] = {
+        "spec": {"containers": [{"name": "main", "env": [{"name": "WEIGHTSYNC_WORLD_SIZE", "value": "9"}]}]}
+    }
+    cl = Cluster(s)
+    p = cl.step()
+    assert p.actions == []
+    assert p.status["phase"] == "Failed"
+    failed = next(x for x in p.status["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == c.REASON_RESERVED_ENV
+    assert "WEIGHTSYNC_WORLD_SIZE" in failed["message"] and "spec.trainer.template" in failed["message"]
+    assert [e.reason for e in p.events] == [c.REASON_RESERVED_ENV]
+    assert cl.plan().events == [], "the same refusal is not announced twice"
+
+
+def test_backoff_delays_recreation() -> None:
+    cl = ready_cluster(failurePolicy={"backoffSeconds": 10, "maxBackoffSeconds": 60})
+    del cl.pods["ws-inference-0"]
+    p = cl.step()
+    assert not [a for a in p.actions if isinstance(a, Create)]
+    assert p.requeue_after == 10
+    cl.now = T0 + timedelta(seconds=4)
+    p = cl.step()
+    assert p.requeue_after == 6 and not [a for a in p.actions if isinstance(a, Create)]
+    cl.now = T0 + timedelta(seconds=10)
+    p = cl.step()
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == ["ws-inference-0"]
+
+
+def test_last_sync_is_copied_from_the_trainer_annotation() -> None:
+    cl = ready_cluster()
+    report = {"version": 7, "tensors": 3, "bytes": 10, "seconds": 0.5, "gbps": 2.5, "transport": "gloo",
+              "time": "2026-01-01T00:00:00Z", "acked": [1, 2], "epoch": 0}  # fmt: skip
+    trainer = cl.pods["ws-trainer-0"]
+    cl.pods["ws-trainer-0"] = replace(
+        trainer, annotations={**trainer.annotations, c.LAST_SYNC: json.dumps(report)}
+    )
+    p = cl.step()
+    assert p.status["lastSync"] == {k: v for k, v in report.items() if k != "acked"}
+    assert p.actions == []
+    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, c.LAST_SYNC: "not json"})
+    assert cl.plan().status["lastSync"]["version"] == 7, "a bad report keeps the last good one"
+
+
+def test_children_of_another_owner_are_left_alone() -> None:
+    cl = Cluster(spec())
+    foreign = observe_pod(
+        {"metadata": {"name": "ws-trainer-0", "ownerReferences": [{"uid": "old", "controller": True}]}}, UID
+    )
+    cl.pods["ws-trainer-0"] = foreign
+    p = cl.plan()
+    assert "ws-trainer-0" not in [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)]
+    assert not [a for a in p.actions if isinstance(a, (Delete, Patch))]
+    assert any(e.reason == c.REASON_STALE_CHILD for e in p.events)
+
+
+def test_deleted_service_is_recreated_and_drift_repaired() -> None:
+    cl = ready_cluster()
+    del cl.others["Service"]
+    p = cl.plan()
+    assert [a.obj["kind"] for a in p.actions if isinstance(a, Create)] == ["Service"]
+    cl.act(p)
+    svc = cl.others["Service"]
+    cl.others["Service"] = {**svc, "spec": {**svc["spec"], "publishNotReadyAddresses": False}}
+    p = cl.plan()
+    assert [(a.kind, a.patch) for a in p.actions if isinstance(a, Patch)] == [
+        ("Service", {"spec": {"publishNotReadyAddresses": True}})
+    ]
+
+
+def test_missing_secret_warns_when_members_already_exist() -> None:
+    cl = ready_cluster()
+    del cl.others["Secret"]
+    p = cl.plan()
+    (create,) = [a for a in p.actions if isinstance(a, Create)]
+    assert create.obj["stringData"] == {"token": TOKEN}
+    assert create.event is not None and create.event.reason == c.REASON_TOKEN_RECREATED
+
+
+def test_observe_pod_reads_readiness_and_exit_codes() -> None:
+    pod = observe_pod(
+        {
+            "metadata": {
+                "name": "p",
+                "uid": "u",
+                "annotations": {c.EPOCH: "4"},
+                "ownerReferences": [{"uid": UID, "controller": True}],
+            },
+            "status": {
+                "phase": "Failed",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [
+                    {"name": "main", "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}
+                ],
+            },
+        },
+        UID,
+    )
+    assert pod.owned and pod.terminated and not pod.ready and pod.epoch == 4
+    assert pod.detail == "container main exited with code 2 (Error)"
