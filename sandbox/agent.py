@@ -76,14 +76,15 @@ class Agent:
         text: str = render_hosts(pod, pods, services, self.api_host)
         return text
 
-    def pod_alive(self, namespace: str, name: str) -> bool:
-        """Whether a worker still runs pod namespace/name (a followed log ends when it does not)."""
+    def container_running(self, namespace: str, name: str, container: str) -> bool:
+        """Whether that container has a process now (a followed log ends when it has not)."""
         with self.lock:
             workers = list(self.workers.values())
         return any(
             w.pod["metadata"]["namespace"] == namespace
             and w.pod["metadata"]["name"] == name
             and not w.finished.is_set()
+            and any(c.name == container and c.proc is not None for c in w.containers)
             for w in workers
         )
 
@@ -213,7 +214,7 @@ class Agent:
             (self.api_host, self.kubelet_port),
             self.ctx.state_dir / "pki",
             self.ctx.state_dir / "pods",
-            self.pod_alive,
+            self.container_running,
         )
         server.serve_in_background()
         node.register(self.client, self.node_name, self.api_host, self.kubelet_port)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,13 +113,26 @@ class Sandbox:
         return found[-1].read_text(errors="replace") if found else ""
 
     # -- lifecycle --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One up/down at a time per state directory (two test sessions, a demo and a test run)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self) -> Sandbox:
         """Starts whatever is not running (idempotent) and waits until the node is Ready."""
-        lay = self.layout
         if os.geteuid() != 0:
             raise PermissionError(
                 "the sandbox needs root: it creates a bridge, network namespaces and bind mounts for pods"
             )
+        with self._exclusive():
+            self._up()
+        return self
+
+    def _up(self) -> None:
+        lay = self.layout
         _log(f"state directory {self.state_dir}")
         self._bin_dir = build_binaries()
         lay.run.mkdir(parents=True, exist_ok=True)
@@ -155,10 +171,13 @@ class Sandbox:
             "kube-controller-manager",
         )
         _log(f"ready: KUBECONFIG={self.kubeconfig} (API server {self.api_server_url})")
-        return self
 
     def down(self) -> None:
         """Stops every process (pods, agent, control plane), pod namespaces and the bridge; idempotent."""
+        with self._exclusive():
+            self._down()
+
+    def _down(self) -> None:
         stopped = self._stop_processes()
         for netns in self.net.list_netns():
             self._kill_netns(netns)

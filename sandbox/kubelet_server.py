@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HEADER = re.compile(r"==== \d{4}-\d\d-\d\dT")  # the line the agent writes before each start
+NEXT_RUN = re.compile(rb"\n==== \d{4}-\d\d-\d\dT")
 FOLLOW_POLL_S = 0.2
 
 
@@ -70,18 +71,21 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("follow", ["false"])[0] != "true" or previous:
             return
         offset = len(text.encode())
-        while self.server.alive(namespace, pod):
-            time.sleep(FOLLOW_POLL_S)
+        while True:  # until this run of the container ends, as a kubelet's follow does
+            running = self.server.running(namespace, pod, container)
             with open(log, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            if chunk:
-                offset += len(chunk)
-                try:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-                except OSError:
-                    return
+            offset += len(chunk)
+            restarted = NEXT_RUN.search(chunk)
+            try:
+                self.wfile.write(chunk[: restarted.start() + 1] if restarted else chunk)
+                self.wfile.flush()
+            except OSError:
+                return
+            if restarted or not running:
+                return
+            time.sleep(FOLLOW_POLL_S)
 
     def _send(self, code: int, body: str) -> None:
         self.send_response(code)
@@ -94,7 +98,7 @@ class KubeletServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], pki: Path, pods_dir: Path, alive: Callable[[str, str], bool]
+        self, address: tuple[str, int], pki: Path, pods_dir: Path, running: Callable[[str, str, str], bool]
     ) -> None:
         super().__init__(address, _Handler)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
@@ -102,7 +106,7 @@ class KubeletServer(ThreadingHTTPServer):
         context.load_cert_chain(str(pki / "apiserver.crt"), str(pki / "apiserver.key"))
         self.socket = context.wrap_socket(self.socket, server_side=True)
         self.pods_dir = pods_dir
-        self.alive = alive
+        self.running = running
 
     def find_log(self, namespace: str, pod: str, container: str) -> Path | None:
         found = sorted(
