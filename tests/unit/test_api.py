@@ -157,3 +157,9 @@ def test_markdown_reference_lists_every_field() -> None:
     for path, _ in schema_nodes(root_schema()["properties"]["spec"], "spec"):
         if path != "spec" and (".template." not in path or path.endswith(".template")):
             assert f"`{path}`" in text, path
+
+
+def test_type_level_and_field_level_rules_are_both_kept() -> None:
+    transport = root_schema()["properties"]["spec"]["properties"]["transport"]
+    rules = [r["rule"] for r in transport["x-kubernetes-validations"]]
+    assert rules == ["self.protocol != 'vllm' || self.backend == 'nccl'", "self == oldSelf"]

@@ -86,15 +86,14 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
         node = dict(node)
         ref = node.pop("$ref", None)
         if ref is not None:
-            target = walk(defs[ref.rsplit("/", 1)[-1]])
-            node = {**target, **{k: walk(v) for k, v in node.items()}}
+            node = _merge(walk(defs[ref.rsplit("/", 1)[-1]]), {k: walk(v) for k, v in node.items()})
         if "allOf" in node and len(node["allOf"]) == 1:
-            node = {**walk(node.pop("allOf")[0]), **node}
+            node = _merge(walk(node.pop("allOf")[0]), node)
         if "anyOf" in node:
             options = [o for o in node.pop("anyOf") if o != {"type": "null"}]
             if len(options) != 1:
                 raise ValueError(f"cannot make a structural schema of anyOf {options}")
-            node = {**walk(options[0]), **node}
+            node = _merge(walk(options[0]), node)
         out: dict[str, Any] = {}
         for key, value in node.items():
             if key in ("title", "$defs"):
@@ -120,6 +119,16 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _merge(target: dict[str, Any], field: dict[str, Any]) -> dict[str, Any]:
+    """A field's own keys over its type's; CEL rules of both are kept (the type's first)."""
+    rules = [*target.get(_CEL, []), *field.get(_CEL, [])]
+    out = {**target, **field}
+    if rules:
+        out[_CEL] = rules
+    return out
+
+
+_CEL = "x-kubernetes-validations"
 _KEY_ORDER = ("description", "type", "format", "default", "enum", "minimum", "exclusiveMinimum", "maximum")
 
 
