@@ -138,7 +138,13 @@ class Sandbox:
         lay.run.mkdir(parents=True, exist_ok=True)
         (lay.run / "bin_dir").write_text(str(self._bin_dir))
         _log(f"binaries in {self._bin_dir}")
+        if not network.link_exists(self.net.bridge):  # a fresh start: pick a subnet that is free now
+            if self._stop_processes():
+                _log("the pod bridge was gone: restarted the control plane")
+            (lay.run / "subnet").unlink(missing_ok=True)
+            self.net = network.PodNetwork.for_state_dir(self.state_dir)
         network.ensure_bridge(self.net)
+        self.net.record(self.state_dir)
         _log(f"bridge {self.net.bridge} at {self.net.gateway}/{self.net.prefixlen}")
         certs.ensure_pki(lay.pki, ["127.0.0.1", self.net.gateway, "10.0.0.1"])
         lay.audit_policy.write_text(AUDIT_POLICY)

@@ -1,10 +1,10 @@
 """Pod networking: one bridge on the host, one network namespace and veth pair per pod.
 
-Each state directory gets its own bridge (`wsbx<id>`), namespace prefix (`wsbx<id>-`) and /24 subnet
-(10.77.<n>.0/24, or $WEIGHTSYNC_SANDBOX_SUBNET), derived from a hash of the directory's path, so two
-sandboxes on one machine never touch each other's pods. The bridge holds the subnet's first address and
-the API server listens there. There is no NAT and no default route in the pods: traffic stays between
-this machine and its own namespaces.
+Each state directory gets its own bridge (`wsbx<id>`), namespace prefix (`wsbx<id>-`) and /24 subnet (the
+first free 10.77.<n>.0/24 from a hash of the directory's path, or $WEIGHTSYNC_SANDBOX_SUBNET; pinned in
+<state>/run/subnet), so two sandboxes on one machine never touch each other's pods. The bridge holds the
+subnet's first address and the API server listens there. There is no NAT and no default route in the pods:
+traffic stays between this machine and its own namespaces.
 """
 
 from __future__ import annotations
@@ -29,11 +29,22 @@ class PodNetwork:
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> PodNetwork:
+        """The state directory's network: as recorded there, else a new one (recorded by `record`)."""
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()
-        subnet = (
-            os.environ.get("WEIGHTSYNC_SANDBOX_SUBNET") or f"{SUBNET_BASE}.{int(digest[:4], 16) % 254}.0/24"
-        )
-        return cls(f"wsbx{digest[:6]}", f"wsbx{digest[:6]}-", ipaddress.IPv4Network(subnet))
+        bridge = f"wsbx{digest[:6]}"
+        recorded = state_dir / "run" / "subnet"
+        if recorded.exists():
+            subnet = recorded.read_text().strip()
+        elif os.environ.get("WEIGHTSYNC_SANDBOX_SUBNET"):
+            subnet = os.environ["WEIGHTSYNC_SANDBOX_SUBNET"]
+        else:
+            subnet = _free_subnet(int(digest[:4], 16) % 254, bridge)
+        return cls(bridge, f"{bridge}-", ipaddress.IPv4Network(subnet))
+
+    def record(self, state_dir: Path) -> None:
+        """Pins the subnet for this state directory (the node agent reads it back)."""
+        (state_dir / "run").mkdir(parents=True, exist_ok=True)
+        (state_dir / "run" / "subnet").write_text(str(self.network))
 
     @property
     def gateway(self) -> str:
@@ -58,6 +69,27 @@ class PodNetwork:
         ]
 
 
+def _routes() -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(device, destination) of every IPv4 route but the default one."""
+    found = []
+    for line in ip("-4", "route", "show").stdout.splitlines():
+        words = line.split()
+        if words[0] != "default":
+            dev = words[words.index("dev") + 1] if "dev" in words else ""
+            found.append((dev, ipaddress.IPv4Network(words[0], strict=False)))
+    return found
+
+
+def _free_subnet(start: int, own_bridge: str) -> str:
+    """The first 10.77.<n>.0/24 from n = start on that no route (but our own bridge's) overlaps."""
+    taken = [net for dev, net in _routes() if dev != own_bridge]
+    for i in range(254):
+        candidate = ipaddress.IPv4Network(f"{SUBNET_BASE}.{(start + i) % 254}.0/24")
+        if not any(candidate.overlaps(net) for net in taken):
+            return str(candidate)
+    raise RuntimeError(f"no free /24 left in {SUBNET_BASE}.0.0/16: set WEIGHTSYNC_SANDBOX_SUBNET")
+
+
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Runs `ip` with `args`; raises an error naming the command and its message on failure."""
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
@@ -66,20 +98,19 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def _link_exists(name: str) -> bool:
+def link_exists(name: str) -> bool:
     return ip("link", "show", name, check=False).returncode == 0
 
 
 def ensure_bridge(net: PodNetwork) -> None:
     """Creates the bridge with the gateway address, unless it is there; refuses a subnet already routed."""
     cidr = f"{net.gateway}/{net.prefixlen}"
-    if not _link_exists(net.bridge):
-        for line in ip("-4", "route", "show").stdout.splitlines():
-            dest = line.split()[0]
-            if dest != "default" and ipaddress.IPv4Network(dest, strict=False).overlaps(net.network):
+    if not link_exists(net.bridge):
+        for dev, dest in _routes():
+            if dest.overlaps(net.network):
                 raise RuntimeError(
-                    f"the sandbox subnet {net.network} overlaps the route `{line}` (another sandbox?): "
-                    "set WEIGHTSYNC_SANDBOX_SUBNET to a free private /24"
+                    f"the sandbox subnet {net.network} overlaps the route to {dest} via {dev} (another "
+                    "sandbox?): run `down --purge` or set WEIGHTSYNC_SANDBOX_SUBNET to a free private /24"
                 )
         ip("link", "add", net.bridge, "type", "bridge")
     if cidr not in ip("-4", "addr", "show", "dev", net.bridge).stdout:
@@ -89,7 +120,7 @@ def ensure_bridge(net: PodNetwork) -> None:
 
 
 def delete_bridge(net: PodNetwork) -> None:
-    if _link_exists(net.bridge):
+    if link_exists(net.bridge):
         ip("link", "del", net.bridge)
 
 

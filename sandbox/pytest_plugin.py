@@ -3,22 +3,32 @@
 Enable with `pytest_plugins = ["weightsync.sandbox.pytest_plugin"]` in a conftest. The sandbox starts once,
 on first use, and every process it started is stopped when the session ends: after failures, on Ctrl-C
 (pytest_unconfigure), on SIGTERM (turned into KeyboardInterrupt) and at interpreter exit.
+
+Each session gets its own state directory (a fresh cluster, its own audit log, its own bridge and subnet), so
+two sessions on one machine never stop each other's cluster; the last few are kept for their logs. Set
+$WEIGHTSYNC_SANDBOX_STATE to use (and at the end stop) that sandbox instead.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import re
+import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from weightsync.sandbox.controlplane import Sandbox
+from weightsync.sandbox.paths import default_state_dir
 from weightsync.sandbox.waiting import wait_for
 
 NAMESPACE_READY_TIMEOUT_S = 60.0
+KEEP_SESSIONS = 3
 _running: list[Sandbox] = []
 
 
@@ -41,10 +51,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _stop_all()
 
 
+def _session_state_dir() -> Path:
+    """A new state directory for this session; older sessions' directories beyond the last few are removed."""
+    root: Path = default_state_dir().parent / "sandbox-sessions"
+    root.mkdir(parents=True, exist_ok=True)
+    old = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for stale in old[: max(len(old) - KEEP_SESSIONS + 1, 0)]:
+        if not Sandbox(stale).status().processes.get("kube-apiserver"):  # never one that still runs
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
     """The running sandbox (started once per session; stopped at its end, whatever happened)."""
-    sb = Sandbox()
+    sb = Sandbox(None if os.environ.get("WEIGHTSYNC_SANDBOX_STATE") else _session_state_dir())
     _running.append(sb)
     try:
         sb.up()
