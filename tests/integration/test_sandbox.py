@@ -356,6 +356,25 @@ def test_failing_containers_follow_their_restart_policy(sandbox: Sandbox, namesp
     assert "012" in sandbox.pod_log(namespace, "init", "main")
 
 
+def test_failing_liveness_probe_restarts_the_container(sandbox: Sandbox, namespace: str) -> None:
+    probe = {"httpGet": {"path": "/healthz", "port": 8081}, "periodSeconds": 1, "failureThreshold": 2}
+    apply(
+        sandbox,
+        namespace,
+        python_pod("unhealthy", "import time; time.sleep(600)", container={"livenessProbe": probe}),
+    )
+    first = container_pid(wait_phase(sandbox, namespace, "unhealthy", "Running"))
+
+    def restarted() -> dict[str, Any] | None:
+        pod = get(sandbox, namespace, "pod", "unhealthy") or {}
+        s = pod.get("status", {}).get("containerStatuses", [{}])[0]
+        return s if s.get("restartCount", 0) >= 1 and "running" in s.get("state", {}) else None
+
+    status = wait_for(restarted, TIMEOUT_S, "the container to be restarted after its liveness probe failed")
+    assert status["lastState"]["terminated"]["exitCode"] == 128 + 15  # SIGTERM, as a kubelet sends it
+    assert not alive(first)
+
+
 def test_pods_use_in_cluster_config_with_their_service_account(sandbox: Sandbox, namespace: str) -> None:
     rbac = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}},

@@ -164,3 +164,12 @@ def test_container_log_runs_and_tail() -> None:
     assert current_run(log, previous=False) == "three\n"
     assert current_run(log, previous=True) == "one\n==== two\n"
     assert tail("a\nb\nc\n", 2) == "b\nc\n"
+
+
+def test_cli_status_of_a_stopped_sandbox(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from weightsync.sandbox.cli import main
+
+    assert main(["--state-dir", str(tmp_path), "status"]) == 1
+    out = capsys.readouterr().out
+    assert f"kubeconfig:  {tmp_path.resolve() / 'kubeconfig'}" in out
+    assert "kube-apiserver           stopped" in out
