@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,30 @@ def test_deployment_runs_a_process_and_deleting_the_pod_ends_it(sandbox: Sandbox
     assert alive(container_pid(replacement[0]))
 
 
+def test_graceful_deletion_sends_sigterm_then_sigkill_after_the_grace_period(
+    sandbox: Sandbox, namespace: str
+) -> None:
+    stubborn = """
+        import signal, subprocess, time
+        subprocess.Popen(["python", "-c", "import time; time.sleep(600)"])  # a child in its process group
+        signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM, ignoring it", flush=True))
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.1)
+    """
+    apply(sandbox, namespace, python_pod("stubborn", stubborn))
+    pod = wait_phase(sandbox, namespace, "stubborn", "Running")
+    wait_log(sandbox, namespace, "stubborn", "\nready")
+    pids = netns_pids(sandbox.net.netns_name(pod["metadata"]["uid"]))
+    assert len(pids) >= 2
+
+    started = time.monotonic()
+    sandbox.kubectl("delete", "pod", "stubborn", "-n", namespace, "--grace-period=2", "--timeout=30s")
+    assert time.monotonic() - started >= 2.0  # the grace period was honoured
+    assert "got SIGTERM" in sandbox.pod_log(namespace, "stubborn", "main")
+    assert not [p for p in pids if alive(p)]
+
+
 def test_owner_reference_garbage_collection(sandbox: Sandbox, namespace: str) -> None:
     parent = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "parent"}}
     apply(sandbox, namespace, parent)
@@ -240,6 +265,7 @@ def test_pods_resolve_and_connect_by_dns_name(sandbox: Sandbox, namespace: str) 
         "trainer-0",
         """
         import socket
+import time
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", 29500)); s.listen()
         while True:
