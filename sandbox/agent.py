@@ -13,12 +13,12 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from weightsync.sandbox import gpus, network, node, procs
+from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.kubelet_server import KubeletServer
@@ -29,8 +29,7 @@ HEARTBEAT_S = 10.0
 WATCH_S = 60
 
 
-def _log(message: str) -> None:
-    print(f"[node-agent {time.strftime('%H:%M:%S')}] {message}", flush=True)
+_log = log
 
 
 class Agent:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.sandbox import containers, network, procs, volumes
+from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.podspec import (
@@ -448,7 +449,4 @@ class PodWorker(threading.Thread):
 
     def _log(self, message: str) -> None:
         meta = self.pod["metadata"]
-        print(
-            f"[node-agent {time.strftime('%H:%M:%S')}] pod {meta['namespace']}/{meta['name']}: {message}",
-            flush=True,
-        )
+        log(f"pod {meta['namespace']}/{meta['name']}: {message}")
