@@ -119,6 +119,7 @@ class PodWorker(threading.Thread):
         self.finished = threading.Event()
         self.setup_done = False
         self.setup_error = ""
+        self.last_error = ""
         self.started_at = now_rfc3339()
         self.published: Obj = {}
         self.next_full_sync = 0.0
@@ -150,8 +151,10 @@ class PodWorker(threading.Thread):
                     return
                 try:
                     self._step(pod)
-                except Exception:
-                    self._log(f"error: {traceback.format_exc()}")
+                except Exception as e:  # one bad pod must not end its worker; retried next loop
+                    if str(e) != self.last_error:  # logged once per distinct error, not every loop
+                        self._log(f"error: {traceback.format_exc()}")
+                    self.last_error = str(e)
                 self.wake.wait(LOOP_S)
                 self.wake.clear()
             self._kill_all(SHUTDOWN_GRACE_S if self.stopping else 0.0)

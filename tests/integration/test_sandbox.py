@@ -265,7 +265,6 @@ def test_pods_resolve_and_connect_by_dns_name(sandbox: Sandbox, namespace: str) 
         "trainer-0",
         """
         import socket
-import time
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", 29500)); s.listen()
         while True:
