@@ -89,7 +89,10 @@ def _scheduler() -> Scheduler:
 
 
 class _PeeringPause(logging.Handler):
-    """Follows kopf's peering pause/resume (kopf keeps that state private; it logs each transition)."""
+    """Follows kopf's peering pause/resume (kopf keeps that state private; it logs each transition).
+
+    Only the resync and the backoff timers need it: kopf itself stops delivering events while paused.
+    """
 
     def __init__(self, scheduler: Scheduler) -> None:
         super().__init__()
@@ -117,6 +120,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         return
     _state["kube"] = Kube(await asyncio.to_thread(_api_client))
     scheduler = Scheduler(_reconcile_key)
+    # With peering, kopf starts paused until it has seen the peers, and says "Resuming" when it may act.
+    scheduler.paused = settings.peering.mandatory and not settings.peering.standalone
     _state["scheduler"] = scheduler
     logging.getLogger("kopf._core.engines.peering").addHandler(_PeeringPause(scheduler))
     _state["resync"] = asyncio.get_running_loop().create_task(scheduler.resync(CONFIG.resync_seconds))

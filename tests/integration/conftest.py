@@ -32,8 +32,9 @@ def crds(sandbox: Sandbox) -> None:
 
 
 class OperatorProcess:
-    def __init__(self, sandbox: Sandbox, namespace: str, log_dir: Path) -> None:
+    def __init__(self, sandbox: Sandbox, namespace: str, log_dir: Path, label: str = "operator") -> None:
         self.sandbox = sandbox
+        self.label = label
         self.namespace = namespace
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -43,16 +44,20 @@ class OperatorProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.runs}.log"
+        return self.log_dir / f"{self.label}-{self.runs}.log"
 
-    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> OperatorProcess:
+    def start(
+        self, env: dict[str, str] | None = None, wait: bool = True, priority: int | None = None
+    ) -> OperatorProcess:
+        """Start it; with `priority`, it runs with kopf peering (the KopfPeering object must exist)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.runs += 1
         self.liveness_port, self.metrics_port = free_port(), free_port()
         argv = [
-            sys.executable, "-m", "weightsync.operator", "--standalone", "--namespace", self.namespace,
+            sys.executable, "-m", "weightsync.operator", "--namespace", self.namespace,
             "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
             "--resync-seconds", "3",
+            *(["--standalone"] if priority is None else ["--priority", str(priority)]),
         ]  # fmt: skip
         full_env = {**os.environ, "KUBECONFIG": str(self.sandbox.kubeconfig), **(env or {})}
         with open(self.log_path, "wb") as log:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -479,3 +480,38 @@ def test_last_sync_reaches_status_through_the_trainers_own_pod(
     assert st["lastSync"]["gbps"] == 360.19 and st["lastSync"]["transport"] == "gloo"
     row = sandbox.kubectl("get", "ws", "ws", "-n", namespace, "--no-headers").stdout.split()
     assert row[1:6] == ["Ready", "2/2", "0", "42", "360.19"]
+
+
+# --- peering ---------------------------------------------------------------------------------------------
+
+
+def test_peering_lets_only_the_highest_priority_operator_act(
+    sandbox: Sandbox, namespace: str, crds: None, tmp_path: Path
+) -> None:
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": c.OPERATOR_NAME}}
+    apply(sandbox, namespace, peering)
+
+    def peers() -> int:
+        obj = get(sandbox, namespace, "kopfpeering", c.OPERATOR_NAME) or {}
+        return len(obj.get("status") or {})
+
+    high = OperatorProcess(sandbox, namespace, tmp_path, "high")
+    low = OperatorProcess(sandbox, namespace, tmp_path, "low")
+    try:
+        high.start(priority=200)
+        low.start(priority=100)
+        wait_for(lambda: peers() == 2, TIMEOUT_S, "both operators in the KopfPeering")
+        apply(sandbox, namespace, manifest(replicas=1))
+        wait_ready(sandbox, namespace, 0, 2)
+        assert "created headless Service" in high.log_path.read_text()
+        assert "weightsync_reconciles_total 0.0" in low.metrics(), "the paused operator reconciled"
+
+        high.stop()  # a graceful exit leaves the peering; the other one takes over
+        wait_for(lambda: peers() == 1, TIMEOUT_S, "the stopped operator to leave the KopfPeering")
+        sandbox.kubectl("delete", "pod", "ws-inference-0", "-n", namespace, "--wait=false")
+        st = wait_ready(sandbox, namespace, 1, 2)
+        assert st["restarts"] == 1
+        assert "weightsync_reconciles_total 0.0" not in low.metrics()
+    finally:
+        low.stop()
+        high.stop()
