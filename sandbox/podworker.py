@@ -168,11 +168,7 @@ class PodWorker(threading.Thread):
             if not self.setup_done:
                 self._publish(pod)
                 return
-        if volumes.metadata_key(pod) != self.vols.metadata_key:
-            volumes.sync_volumes(self.ctx.client, pod, self.vols, full=False)
-        if time.monotonic() >= min(self.next_full_sync, self.vols.token_renew_at):
-            volumes.sync_volumes(self.ctx.client, pod, self.vols, full=True)
-            self.next_full_sync = time.monotonic() + FULL_VOLUME_SYNC_S
+        self._refresh_volumes(pod)
         self._write_hosts(pod)
         phase = self._phase(pod)
         if phase not in ("Succeeded", "Failed"):
@@ -180,6 +176,21 @@ class PodWorker(threading.Thread):
             for c in [pending_init] if pending_init else [c for c in self.containers if not c.init]:
                 self._step_container(pod, c)
         self._publish(pod)
+
+    def _refresh_volumes(self, pod: Obj) -> None:
+        """Downward-API files when labels/annotations change; all (tokens, keys) every 30 s or when due."""
+        try:
+            if volumes.metadata_key(pod) != self.vols.metadata_key:
+                volumes.sync_volumes(self.ctx.client, pod, self.vols, full=False)
+            if time.monotonic() >= min(self.next_full_sync, self.vols.token_renew_at):
+                self.next_full_sync = time.monotonic() + FULL_VOLUME_SYNC_S
+                volumes.sync_volumes(self.ctx.client, pod, self.vols, full=True)
+        except (ApiError, ConfigError, OSError) as e:  # the containers keep running; retried later
+            self.next_full_sync = time.monotonic() + 5.0
+            self.vols.token_renew_at = max(self.vols.token_renew_at, self.next_full_sync)
+            if str(e) != self.last_error:
+                self._log(f"volume refresh failed: {e}")
+            self.last_error = str(e)
 
     # -- setup and teardown -------------------------------------------------------------------------
     def _setup(self, pod: Obj) -> None:
