@@ -231,6 +231,8 @@ def render_hosts(pod: Obj, pods: Iterable[Obj], services: Iterable[Obj], api_ip:
         else:
             lines.append(f"{own_ip}\t{hostname}")
     lines.append(f"{api_ip}\t{' '.join(_forms('kubernetes', 'default', namespace == 'default'))}")
+    for alias in pod.get("spec", {}).get("hostAliases") or []:
+        lines.append(f"{alias['ip']}\t{' '.join(alias.get('hostnames', []))}")
     for other in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
         ometa, ospec = other["metadata"], other.get("spec", {})
         if ometa.get("uid") == meta.get("uid"):

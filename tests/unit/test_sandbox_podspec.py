@@ -121,6 +121,7 @@ def test_downward_api_formats() -> None:
 def test_hosts_file_has_pod_names_under_their_headless_service() -> None:
     trainer = pod("trainer-0", ip="10.77.0.2", hostname="trainer-0", subdomain="g", labels={"group": "g"})
     worker = pod("inference-0", ip="10.77.0.3", hostname="inference-0", subdomain="g", labels={"group": "g"})
+    worker["spec"]["hostAliases"] = [{"ip": "10.77.0.9", "hostnames": ["store", "store.local"]}]
     stranger = pod("other", ns="elsewhere", ip="10.77.0.4", hostname="x", subdomain="g")  # no Service there
     headless = service("g", clusterIP="None", publishNotReadyAddresses=True, selector={"group": "g"})
     hosts = render_hosts(worker, [trainer, worker, stranger], [headless], "10.77.0.1")
@@ -137,6 +138,7 @@ def test_hosts_file_has_pod_names_under_their_headless_service() -> None:
         "10.77.0.1\tkubernetes.default.svc.cluster.local kubernetes.default.svc kubernetes.default" in lines
     )
     assert "10.77.0.4" not in hosts
+    assert "10.77.0.9\tstore store.local" in lines
 
 
 def test_hosts_file_lists_only_ready_endpoints_by_default() -> None:
