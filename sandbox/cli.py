@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from weightsync.sandbox.controlplane import Sandbox
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: an interrupted `up` stops what it started
     sandbox = Sandbox(args.state_dir)
     if args.command == "up":
         sandbox.up()

@@ -128,7 +128,12 @@ class Sandbox:
                 "the sandbox needs root: it creates a bridge, network namespaces and bind mounts for pods"
             )
         with self._exclusive():
-            self._up()
+            try:
+                self._up()
+            except BaseException:  # a failed or interrupted start leaves nothing running behind it
+                _log("startup failed or was interrupted: stopping everything it started")
+                self._down()
+                raise
         return self
 
     def _up(self) -> None:
