@@ -41,10 +41,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    atexit.register(_stop_all)
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+atexit.register(_stop_all)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -67,11 +64,17 @@ def sandbox() -> Iterator[Sandbox]:
     """The running sandbox (started once per session; stopped at its end, whatever happened)."""
     sb = Sandbox(None if os.environ.get("WEIGHTSYNC_SANDBOX_STATE") else _session_state_dir())
     _running.append(sb)
+    # while the sandbox runs, SIGTERM ends the session like Ctrl-C, so the finalisers still stop it
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         sb.up()
         yield sb
     finally:
         _stop_all()
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture
