@@ -67,7 +67,7 @@ weightsync-operator
 
 {{/*
 RBAC. These are exactly the rules of the operator's code: `REQUIRED_RULES` and `PEERING_RULES` in
-operator/rbac.py. tests/unit/test_chart_rbac.py fails when they differ, and
+operator/rbac.py (less `get` on peerings, which the audit log shows kopf never uses). tests/unit/test_chart_rbac.py fails when they differ, and
 tests/integration/test_chart_install.py fails on any rule here that the operator did not use during a full
 reconcile (read from the API server's audit log). kopf's CRD and namespace scanning and its own event
 posting are off in the operator, so nothing cluster-scoped is needed unless peering is cluster-wide.
@@ -105,10 +105,11 @@ all namespaces are watched, by a Role in each namespace otherwise.
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch"]
 {{- if and .Values.peering.enabled .Values.watchNamespaces }}
-# kopf peering in each watched namespace: kopf watches the KopfPeering and patches its own entry.
+# kopf peering in each watched namespace: kopf watches the KopfPeering and patches its own entry (it never
+# reads one by name: no get).
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
@@ -118,10 +119,11 @@ ClusterRole rendered for them) unless peering is cluster-wide.
 */}}
 {{- define "weightsync-operator.clusterRules" -}}
 {{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
-# kopf peering, cluster-wide: kopf watches the ClusterKopfPeering and patches its own entry.
+# kopf peering, cluster-wide: kopf watches the ClusterKopfPeering and patches its own entry (it never reads
+# one by name: no get).
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
