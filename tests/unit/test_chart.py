@@ -392,3 +392,18 @@ def test_defaults_satisfy_schema_and_chart_metadata() -> None:
     assert version and chart["appVersion"] == version.group(1), "appVersion follows the package version"
     assert (CHART / "README.md").is_file()
     assert (CHART / "templates" / "NOTES.txt").is_file()
+
+
+def test_chart_crds_hold_every_kind_the_templates_create() -> None:
+    """Helm installs crds/ before the templates: the WeightSync CRD and kopf's peering CRDs (the chart creates
+    a ClusterKopfPeering or KopfPeerings) must be there, the same files as the repository's crds/."""
+    crds = {}
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        assert path.read_text() == (ROOT / "crds" / path.name).read_text(), f"{path.name} differs from crds/"
+        for doc in yaml.safe_load_all(path.read_text()):
+            crds[doc["spec"]["names"]["kind"]] = doc["spec"]["group"]
+    assert crds == {
+        "WeightSync": "weightsync.dev", "KopfPeering": "kopf.dev", "ClusterKopfPeering": "kopf.dev"
+    }
+    kinds = {o["kind"] for values in SCENARIOS for o in render(values)}
+    assert {"KopfPeering", "ClusterKopfPeering"} <= kinds
