@@ -301,8 +301,8 @@ def test_service_monitor() -> None:
 BAD_VALUES: list[tuple[dict[str, Any], list[str], str]] = [
     ({}, ["replicas=-1"], "/replicas"),
     ({}, ["replicas=many"], "/replicas"),
-    ({"replicas": 2}, [], "peering"),
-    ({"replicas": 3, "peering": {"enabled": False}}, [], "peering"),
+    ({"replicas": 2}, [], "replicas=2 needs peering.enabled=true"),
+    ({"replicas": 3, "peering": {"enabled": False}}, [], "replicas=3 needs peering.enabled=true"),
     ({"image": {"pullPolicy": "Sometimes"}}, [], "/image/pullPolicy"),
     ({"image": {"digest": "md5:abc"}}, [], "/image/digest"),
     ({"image": {"repository": ""}}, [], "/image/repository"),
@@ -314,7 +314,7 @@ BAD_VALUES: list[tuple[dict[str, Any], list[str], str]] = [
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, [], "/metrics/serviceMonitor/interval"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, [],
      "metrics.service.enabled=true"),
-    ({"serviceAccount": {"create": False}}, [], "/serviceAccount/name"),
+    ({"serviceAccount": {"create": False}}, [], "serviceAccount.name is required when serviceAccount.create"),
     ({"resources": {"limits": {"memory": "lots"}}}, [], "/resources/limits/memory"),
     ({"probes": {"liveness": {"periodSeconds": 0}}}, [], "/probes/liveness/periodSeconds"),
 ]
@@ -336,7 +336,7 @@ def test_replicas_minus_one_message() -> None:
 
 def test_replicas_without_peering_message() -> None:
     err = render_error({"replicas": 2})
-    assert "peering" in err and "enabled" in err
+    assert "replicas=2 needs peering.enabled=true: without kopf peering every replica would act" in err
 
 
 def _values_keys(tree: Any, prefix: str = "") -> Iterator[str]:
