@@ -18,6 +18,10 @@ recorded before it is acted on:
   pods stay for inspection). Raising maxRestarts resumes.
 - A template env var with a reserved WEIGHTSYNC_* name -> phase Failed, a condition and an event, and
   nothing is created.
+- Pod template changes apply to members created afterwards (a StatefulSet's OnDelete strategy): the
+  operator never kills a running member (least of all the trainer) to roll out a template; deleting a
+  member pod rolls it, at the cost of one epoch. The fields baked into every member's environment
+  (workersPerReplica, rendezvous, transport, network) are immutable at admission instead.
 """
 
 from __future__ import annotations
