@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from weightsync.operator import constants as c
 from weightsync.operator.plan import (
     Create,
@@ -371,3 +373,50 @@ def test_observe_pod_reads_readiness_and_exit_codes() -> None:
     )
     assert pod.owned and pod.terminated and not pod.ready and pod.epoch == 4
     assert pod.detail == "container main exited with code 2 (Error)"
+
+
+# --- property: any interleaving of failures, scales and crashes converges, counting each failure once ------
+
+Step = tuple[str, int]
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["fail", "vanish", "scale", "crash", "settle"]), st.integers(min_value=0, max_value=5)
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps)
+def test_any_history_converges_and_counts_each_failure_once(history: list[Step]) -> None:
+    cl = Cluster(spec(replicas=2, failurePolicy={"maxRestarts": 1000}))
+    cl.converge()
+    injected, shrunk = 0, False
+    for kind, n in history:
+        names = sorted(cl.pods)
+        if kind in ("fail", "vanish") and names:
+            victim = names[n % len(names)]
+            pod = cl.pods[victim]
+            members = {m["pod"] for m in cl.status.get("members", [])}
+            if pod.phase == "Running" and victim in members:  # a recorded member that is up
+                injected += 1
+                if kind == "fail":
+                    cl.pods[victim] = replace(pod, phase="Failed", ready=False)
+                else:
+                    del cl.pods[victim]
+        elif kind == "scale":
+            shrunk = shrunk or 1 + n % 4 < cl.spec["inference"]["replicas"]
+            cl.spec = spec(replicas=1 + n % 4, failurePolicy={"maxRestarts": 1000})
+        elif kind == "crash":
+            cl.record(cl.plan())  # the decision is recorded, the operator dies before acting
+        else:
+            cl.step()
+            cl.run_all()
+    final = cl.converge()
+    assert final.status["phase"] == "Ready"
+    replicas = cl.spec["inference"]["replicas"]
+    assert sorted(cl.pods) == sorted(["ws-trainer-0"] + [f"ws-inference-{r}" for r in range(replicas)])
+    # a failed member that a scale-down removes is not re-created, so it is not a restart
+    assert final.status["restarts"] == injected if not shrunk else final.status["restarts"] <= injected
+    epoch = str(final.status["epoch"])
+    assert {p.annotations[c.EPOCH] for p in cl.pods.values()} == {epoch}
