@@ -222,7 +222,11 @@ def test_apply_creates_exact_children_and_env(  # noqa: PLR0917
     conds = {x["type"]: x["status"] for x in st["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Degraded": "False", "Failed": "False"}
 
-    spec = get(sandbox, namespace, "weightsync", "ws")["spec"]  # type: ignore[index]
+    ws = get(sandbox, namespace, "weightsync", "ws")
+    assert ws is not None
+    assert not ws["metadata"].get("finalizers"), "no finalizer: deletion never waits for the operator"
+    assert not [k for k in ws["metadata"].get("annotations", {}) if "kopf" in k], "kopf stores no state on it"
+    spec = ws["spec"]
     transport, rendezvous = spec["transport"], spec["rendezvous"]
     token = get(sandbox, namespace, "secret", "ws-token")["data"]["token"]  # type: ignore[index]
     assert len(token) >= 32
