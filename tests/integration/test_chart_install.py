@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -265,6 +266,7 @@ def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release
         assert any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
 
         delegated = exercise_operator(sandbox, release, work, "demo")
+        assert_metrics_served(sandbox, release, pod)
         cluster_role = kjson(sandbox, "get", "clusterrole", f"{release.fullname}-{release.namespace}")
         assert_least_privilege(sandbox, release, cluster_role["rules"], since, delegated)
 
@@ -316,6 +318,26 @@ def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release
     finally:
         sandbox.kubectl("delete", "weightsyncs", "--all", "-n", work, "--wait=false", check=False)
         delete_namespace(sandbox, work)
+
+
+def assert_metrics_served(sandbox: Any, release: Release, pod: dict[str, Any]) -> None:
+    """The metrics Service selects the operator pod on its `metrics` port, which serves Prometheus text."""
+    service = f"{release.fullname}-metrics"
+
+    def endpoint() -> tuple[str, int] | None:
+        for eps in items(sandbox, "endpointslices", "-n", release.namespace,
+                         "-l", f"kubernetes.io/service-name={service}"):
+            ports = {p.get("name"): p.get("port") for p in eps.get("ports") or []}
+            for ep in eps.get("endpoints") or []:
+                if ep.get("targetRef", {}).get("name") == pod["metadata"]["name"] and "metrics" in ports:
+                    return ep["addresses"][0], ports["metrics"]
+        return None
+
+    address, port = poll(endpoint, 60, f"an endpoint of Service {service} on the operator pod")
+    assert port == 9090 and address == pod["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10) as rsp:
+        text = rsp.read().decode()
+    assert "weightsync_reconciles_total" in text, text[:2000]
 
 
 def exercise_operator(sandbox: Any, release: Release, ns: str, name: str) -> list[dict[str, Any]]:
