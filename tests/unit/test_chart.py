@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -407,3 +408,15 @@ def test_chart_crds_hold_every_kind_the_templates_create() -> None:
     }
     kinds = {o["kind"] for values in SCENARIOS for o in render(values)}
     assert {"KopfPeering", "ClusterKopfPeering"} <= kinds
+
+
+def test_helm_package(tmp_path: Path) -> None:
+    """The packaged chart carries the CRDs, the schema and the README, and leaves the ci/ scenarios out."""
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("weightsync-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for member in ("crds/weightsync.dev_weightsyncs.yaml", "crds/kopf.dev_peerings.yaml", "values.schema.json",
+                   "README.md", "templates/NOTES.txt", "templates/deployment.yaml"):
+        assert f"weightsync-operator/{member}" in names
+    assert not any("/ci/" in n for n in names)
