@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -132,8 +133,6 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _random_priority() -> int:
     # Equal priorities freeze every peer (DESIGN.md): draw one unless the command line gave one.
-    import random  # noqa: PLC0415
-
     return random.randint(1, 2**31 - 1)
 
 

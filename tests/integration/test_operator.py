@@ -186,7 +186,8 @@ def epoch_seen(sandbox: Sandbox, ns: str, pod: str, epoch: int) -> bool:
     ],
     ids=["1x1", "2x2-port-nccl-env", "3x4-unpacked"],
 )
-def test_apply_creates_exact_children_and_env(  # noqa: PLR0917
+def test_apply_creates_exact_children_and_env(
+    *,
     sandbox: Sandbox,
     namespace: str,
     operator: OperatorProcess,
@@ -213,9 +214,7 @@ def test_apply_creates_exact_children_and_env(  # noqa: PLR0917
     assert children(sandbox, namespace) == expected_children(replicas)
     assert st["worldSize"] == world and st["replicas"] == replicas and st["restarts"] == 0
     assert st["observedGeneration"] == 1
-    assert [
-        (m["pod"], m["role"], m["rankOffset"], m["localWorldSize"], m["ready"]) for m in st["members"]
-    ] == [
+    assert [(m["pod"], m["role"], m["rankOffset"], m["localWorldSize"], m["ready"]) for m in st["members"]] == [
         ("ws-trainer-0", "trainer", 0, 1, True),
         *[(f"ws-inference-{r}", "inference", 1 + r * workers, workers, True) for r in range(replicas)],
     ]
@@ -245,9 +244,7 @@ def test_apply_creates_exact_children_and_env(  # noqa: PLR0917
         ).to_env()  # fmt: skip
         del expected["WEIGHTSYNC_TOKEN"]
         env = env_of(pod)
-        assert {
-            k: v for k, v in env.items() if k.startswith("WEIGHTSYNC_") and k != "WEIGHTSYNC_TOKEN"
-        } == expected
+        assert {k: v for k, v in env.items() if k.startswith("WEIGHTSYNC_") and k != "WEIGHTSYNC_TOKEN"} == expected
         assert env["WEIGHTSYNC_TOKEN"] == {"secretKeyRef": {"name": "ws-token", "key": "token"}}
         assert {k: v for k, v in env.items() if k.startswith("NCCL_")} == spec["network"]["ncclEnv"]
         assert pod["spec"]["hostname"] == m["pod"] and pod["spec"]["subdomain"] == "ws"
@@ -259,9 +256,7 @@ def test_apply_creates_exact_children_and_env(  # noqa: PLR0917
         wait_for(lambda p=m["pod"], line=line: line in sandbox.pod_log(namespace, p, "main"), TIMEOUT_S, line)
         if m["role"] == "inference":
             assert env["USER_VAR"] == "kept"
-            assert (
-                pod["metadata"]["labels"]["team"] == "rl" and pod["metadata"]["annotations"]["note"] == "kept"
-            )
+            assert pod["metadata"]["labels"]["team"] == "rl" and pod["metadata"]["annotations"]["note"] == "kept"
             assert pod["spec"]["containers"][0]["resources"] == {
                 "requests": {"cpu": "10m", "memory": "1Gi"},
                 "limits": {"memory": "1Gi"},
@@ -328,16 +323,12 @@ def test_scale_up_and_down(sandbox: Sandbox, namespace: str, operator: OperatorP
     assert {p["metadata"]["annotations"][c.EPOCH] for p in current.values()} == {"1"}
     assert current["ws-trainer-0"]["metadata"]["annotations"][c.WORLD_SIZE] == "9"
     assert env_of(current["ws-inference-3"])["WEIGHTSYNC_RANK_OFFSET"] == "7"
-    wait_for(
-        lambda: epoch_seen(sandbox, namespace, "ws-trainer-0", 1), TIMEOUT_S, "the trainer to see epoch 1"
-    )
+    wait_for(lambda: epoch_seen(sandbox, namespace, "ws-trainer-0", 1), TIMEOUT_S, "the trainer to see epoch 1")
 
     sandbox.kubectl("scale", "ws/ws", "-n", namespace, "--replicas=1")
     st = wait_ready(sandbox, namespace, 2, 2)
     assert st["worldSize"] == 3 and st["restarts"] == 0
-    wait_for(
-        lambda: sorted(pods(sandbox, namespace)) == expected_children(1)["pods"], TIMEOUT_S, "scale-down"
-    )
+    wait_for(lambda: sorted(pods(sandbox, namespace)) == expected_children(1)["pods"], TIMEOUT_S, "scale-down")
     assert pods(sandbox, namespace)["ws-trainer-0"]["metadata"]["uid"] == trainer_uid
     assert get(sandbox, namespace, "ws", "ws")["status"]["replicas"] == 1  # type: ignore[index]
     assert events(sandbox, namespace, c.REASON_SCALED)
@@ -355,14 +346,9 @@ def test_deleted_or_failed_member_bumps_epoch_and_survivors_rejoin_in_place(
     assert st["restarts"] == 1
     after = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
     assert after["ws-inference-0"] != before["ws-inference-0"], "re-created"
-    assert (
-        after["ws-trainer-0"] == before["ws-trainer-0"]
-        and after["ws-inference-1"] == before["ws-inference-1"]
-    )
+    assert after["ws-trainer-0"] == before["ws-trainer-0"] and after["ws-inference-1"] == before["ws-inference-1"]
     for survivor in ("ws-trainer-0", "ws-inference-1"):
-        wait_for(
-            lambda p=survivor: epoch_seen(sandbox, namespace, p, 1), TIMEOUT_S, f"{survivor} to see epoch 1"
-        )
+        wait_for(lambda p=survivor: epoch_seen(sandbox, namespace, p, 1), TIMEOUT_S, f"{survivor} to see epoch 1")
     assert env_of(pods(sandbox, namespace)["ws-inference-0"])["WEIGHTSYNC_EPOCH"] == "1"
 
     sandbox.kubectl("annotate", "pod", "ws-inference-1", "-n", namespace, f"{FAIL_ANNOTATION}=true")
@@ -371,9 +357,7 @@ def test_deleted_or_failed_member_bumps_epoch_and_survivors_rejoin_in_place(
     final = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
     assert final["ws-inference-1"] != after["ws-inference-1"]
     assert final["ws-trainer-0"] == before["ws-trainer-0"]
-    wait_for(
-        lambda: epoch_seen(sandbox, namespace, "ws-trainer-0", 2), TIMEOUT_S, "the trainer to see epoch 2"
-    )
+    wait_for(lambda: epoch_seen(sandbox, namespace, "ws-trainer-0", 2), TIMEOUT_S, "the trainer to see epoch 2")
     failed = events(sandbox, namespace, c.REASON_MEMBER_FAILED)
     assert any("ws-inference-1" in m and "exited with code 3" in m for m in failed), failed
     assert "weightsync_epoch_changes_total 2.0" in operator.metrics()
@@ -391,9 +375,7 @@ def test_max_restarts_fails_the_group(sandbox: Sandbox, namespace: str, operator
     assert failed["reason"] == c.REASON_MAX_RESTARTS and "maxRestarts=1" in failed["message"]
     assert events(sandbox, namespace, c.REASON_MAX_RESTARTS)
     trainer = get(sandbox, namespace, "pod", "ws-trainer-0")
-    assert trainer is not None and trainer["status"]["phase"] == "Failed", (
-        "left for inspection, not re-created"
-    )
+    assert trainer is not None and trainer["status"]["phase"] == "Failed", "left for inspection, not re-created"
 
 
 # --- operator restarts -----------------------------------------------------------------------------------

@@ -121,9 +121,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("obj", "field"), [(obj, field) for _, obj, field in BAD], ids=[i for i, _, _ in BAD]
-)
+@pytest.mark.parametrize(("obj", "field"), [(obj, field) for _, obj, field in BAD], ids=[i for i, _, _ in BAD])
 def test_bad_spec_is_rejected_naming_the_field(
     sandbox: Sandbox, namespace: str, crds: None, obj: dict[str, Any], field: str
 ) -> None:
@@ -144,8 +142,8 @@ IMMUTABLE = [
 
 
 @pytest.mark.parametrize(("path", "value", "message"), IMMUTABLE, ids=[p for p, _, _ in IMMUTABLE])
-def test_group_wiring_is_immutable(  # noqa: PLR0917
-    sandbox: Sandbox, namespace: str, crds: None, path: str, value: Any, message: str
+def test_group_wiring_is_immutable(
+    *, sandbox: Sandbox, namespace: str, crds: None, path: str, value: Any, message: str
 ) -> None:
     sandbox.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(good()))
     changed = edit(spec_set(path, value))
