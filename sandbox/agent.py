@@ -200,7 +200,13 @@ class Agent:
                     self.services[key] = obj
 
     def heartbeat(self) -> None:
-        node.heartbeat(self.client, self.node_name, self.api_host, self.kubelet_port)
+        try:
+            node.heartbeat(self.client, self.node_name, self.api_host, self.kubelet_port)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            _log(f"node {self.node_name} was deleted: registering it again")
+            node.register(self.client, self.node_name, self.api_host, self.kubelet_port)
 
     # -- main ---------------------------------------------------------------------------------------
     def run(self) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import config
 from weightsync.sandbox.controlplane import Sandbox
 from weightsync.sandbox.paths import default_state_dir
 from weightsync.sandbox.waiting import wait_for
@@ -95,8 +96,6 @@ def namespace(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]
 @pytest.fixture(scope="session")
 def kube_api(sandbox: Sandbox) -> Iterator[Any]:
     """A kubernetes.client.ApiClient for the admin user (group system:masters)."""
-    from kubernetes import config  # noqa: PLC0415 - only sessions that use the cluster need the client
-
     client = config.new_client_from_config(config_file=str(sandbox.kubeconfig))  # type: ignore[no-untyped-call]
     try:
         yield client
