@@ -46,12 +46,14 @@ REQUIRED_RULES: list[Rule] = [
     },
 ]
 
-#: kopf peering (unless --standalone): kopf watches the peering object and patches its own entry in it.
-#: Cluster-wide operators use ClusterKopfPeering, namespaced ones KopfPeering in each watched namespace.
+#: kopf peering (unless --standalone): kopf lists and watches the peering object and patches its own entry
+#: in it (never a plain get; the chart's audit-log test confirms). Cluster-wide operators use the
+#: ClusterKopfPeering, namespaced ones a KopfPeering in each watched namespace; the object must exist (kopf
+#: does not create it).
 PEERING_RULES: list[Rule] = [
     {
         "apiGroups": ["kopf.dev"],
         "resources": ["clusterkopfpeerings", "kopfpeerings"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["list", "watch", "patch"],
     },
 ]
