@@ -113,6 +113,21 @@ def ensure_bridge(net: PodNetwork) -> None:
                     "sandbox?): run `down --purge` or set WEIGHTSYNC_SANDBOX_SUBNET to a free private /24"
                 )
         ip("link", "add", net.bridge, "type", "bridge")
+        # bridged pod traffic skips iptables: a FORWARD policy of DROP (Docker's) must not cut pods off
+        ip(
+            "link",
+            "set",
+            net.bridge,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+            "nf_call_ip6tables",
+            "0",
+            "nf_call_arptables",
+            "0",
+            check=False,
+        )
     if cidr not in ip("-4", "addr", "show", "dev", net.bridge).stdout:
         ip("addr", "flush", "dev", net.bridge)
         ip("addr", "add", cidr, "dev", net.bridge)
