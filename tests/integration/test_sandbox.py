@@ -237,7 +237,9 @@ def test_env_value_from_and_downward_api_files(sandbox: Sandbox, namespace: str)
             ],
         )
 
-    apply(sandbox, namespace, member("a", "1"), member("b", "7"))
+    gpu_member = member("b", "7")
+    gpu_member["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": 2}}  # schedules here too
+    apply(sandbox, namespace, member("a", "1"), gpu_member)
     ip = wait_phase(sandbox, namespace, "a", "Running")["status"]["podIP"]
     log = wait_log(sandbox, namespace, "a", "\nENV ")
     env = json.loads(next(line for line in log.splitlines() if line.startswith("ENV "))[4:])
