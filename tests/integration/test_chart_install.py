@@ -149,7 +149,6 @@ class Release:
 
 @pytest.fixture
 def release(sandbox: Any) -> Iterator[Release]:
-    apply_crds(sandbox)
     rel = Release(sandbox)
     try:
         yield rel
@@ -259,6 +258,9 @@ def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release
         since = audit_offset(sandbox)
         out = release.install(*fast_resync)
         assert "NOTES:" in out and "all namespaces" in out and "Helm never deletes CRDs" in out
+        for crd in ("weightsyncs.weightsync.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
+            # Installed from the chart's crds/ unless an earlier test applied them already.
+            sandbox.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         (pod,) = release.operator_pods()
         assert pod["spec"]["nodeName"] == NODE
         assert pod["spec"]["serviceAccountName"] == release.fullname
