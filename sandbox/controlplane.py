@@ -112,6 +112,22 @@ class Sandbox:
         found = sorted(self.layout.pods.glob(f"{namespace}_{pod}_*/logs/{container}.log"))
         return found[-1].read_text(errors="replace") if found else ""
 
+    def exec_in_pod(
+        self, namespace: str, pod: str, *argv: str, container: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs `argv` inside a running container (its network, mounts, hostname and environment), like
+        `kubectl exec`, which the sandbox does not serve; does not raise on a non-zero exit."""
+        obj = json.loads(self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json").stdout)
+        statuses = obj.get("status", {}).get("containerStatuses", [])
+        status = next((s for s in statuses if container in (None, s["name"])), None)
+        if status is None or "running" not in status.get("state", {}):
+            raise RuntimeError(f"container {container or '(first)'} of pod {namespace}/{pod} is not running")
+        pid = status["containerID"].removeprefix("sandbox://")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+        cmd = ["nsenter", "-t", pid, "--net", "--mount", "--uts", "-w", "--", *argv]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
     # -- lifecycle --------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -260,6 +260,9 @@ def test_env_value_from_and_downward_api_files(sandbox: Sandbox, namespace: str)
     sandbox.kubectl("annotate", "pod", "a", "-n", namespace, "--overwrite", "weightsync.dev/epoch=2")
     wait_log(sandbox, namespace, "a", json.dumps('weightsync.dev/epoch="2"')[1:-1])
     assert not Path("/etc/weightsync/podinfo/annotations").exists()  # the host's own /etc is untouched
+    script = "hostname; cat /etc/weightsync/podinfo/annotations"
+    inside = sandbox.exec_in_pod(namespace, "b", "sh", "-c", script)
+    assert inside.returncode == 0 and inside.stdout.startswith("b\n") and 'epoch="7"' in inside.stdout
 
 
 def test_pods_resolve_and_connect_by_dns_name(sandbox: Sandbox, namespace: str) -> None:
