@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import containers, network, procs, volumes
+from weightsync.sandbox import containers, network, podstatus, procs, volumes
 from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
@@ -386,47 +386,17 @@ class PodWorker(threading.Thread):
                 c.kill_deadline = time.monotonic() + grace
 
     # -- status -------------------------------------------------------------------------------------
+    def _progress(self) -> list[podstatus.Progress]:
+        return [podstatus.Progress(c.init, c.runs, c.done, c.succeeded, c.ready) for c in self.containers]
+
     def _phase(self, pod: Obj) -> str:
-        policy = pod["spec"].get("restartPolicy", "Always")
-        inits = [c for c in self.containers if c.init]
-        apps = [c for c in self.containers if not c.init]
-        if any(c.done and not c.succeeded for c in inits) and policy == "Never":
-            return "Failed"
-        if not all(c.done for c in inits):
-            return "Pending"
-        if all(c.done for c in apps):
-            return "Succeeded" if all(c.succeeded for c in apps) else "Failed"
-        if all(c.runs > 0 for c in apps):
-            return "Running"
-        return "Pending"
+        result: str = podstatus.phase(pod["spec"].get("restartPolicy", "Always"), self._progress())
+        return result
 
     def _conditions(self, pod: Obj, phase: str) -> list[Obj]:
-        old = {c["type"]: c for c in pod.get("status", {}).get("conditions", [])}
-        apps = [c for c in self.containers if not c.init]
-        initialized = all(c.done for c in self.containers if c.init)
-        ready = all(c.ready for c in apps) and phase == "Running"
-        wanted = {
-            "PodReadyToStartContainers": (self.setup_done, None),
-            "Initialized": (initialized, None if initialized else "ContainersNotInitialized"),
-            "ContainersReady": (ready, None if ready else "ContainersNotReady"),
-            "Ready": (ready, None if ready else "ContainersNotReady"),
-        }
-        conditions = [c for t, c in old.items() if t not in wanted]
-        for ctype, (ok, reason) in wanted.items():
-            status = "True" if ok else "False"
-            prev = old.get(ctype)
-            cond: Obj = {
-                "type": ctype,
-                "status": status,
-                "lastProbeTime": None,
-                "lastTransitionTime": prev["lastTransitionTime"]
-                if prev and prev.get("status") == status
-                else now_rfc3339(),
-            }
-            if reason:
-                cond["reason"] = reason
-            conditions.append(cond)
-        return conditions
+        old = pod.get("status", {}).get("conditions", [])
+        result: list[Obj] = podstatus.conditions(old, self._progress(), phase, self.setup_done, now_rfc3339())
+        return result
 
     def _publish(self, pod: Obj) -> None:
         phase = self._phase(pod)

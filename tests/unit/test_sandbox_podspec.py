@@ -175,3 +175,39 @@ def test_cli_status_of_a_stopped_sandbox(tmp_path: Any, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert f"kubeconfig:  {tmp_path.resolve() / 'kubeconfig'}" in out
     assert "kube-apiserver           stopped" in out
+
+
+@pytest.mark.parametrize(
+    ("policy", "progress", "expected"),
+    [
+        ("Always", [("init", 1, True, True), ("app", 1, False, False)], "Running"),
+        ("Always", [("init", 1, False, False), ("app", 0, False, False)], "Pending"),
+        ("Never", [("init", 1, True, False), ("app", 0, False, False)], "Failed"),
+        ("OnFailure", [("init", 2, False, False), ("app", 0, False, False)], "Pending"),
+        ("Never", [("app", 1, True, True), ("app", 1, True, True)], "Succeeded"),
+        ("Never", [("app", 1, True, True), ("app", 1, True, False)], "Failed"),
+        ("Never", [("app", 1, True, False), ("app", 1, False, False)], "Running"),
+        ("Always", [("app", 1, False, False), ("app", 0, False, False)], "Pending"),
+    ],
+)
+def test_pod_phase(policy: str, progress: list[tuple[str, int, bool, bool]], expected: str) -> None:
+    from weightsync.sandbox.podstatus import Progress, phase
+
+    containers = [Progress(kind == "init", runs, done, ok) for kind, runs, done, ok in progress]
+    assert phase(policy, containers) == expected
+
+
+def test_pod_conditions_keep_transition_times_and_foreign_conditions() -> None:
+    from weightsync.sandbox.podstatus import Progress, conditions
+
+    old = [
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": "t0"},
+    ]
+    app = Progress(init=False, runs=1, ready=True)
+    got = {c["type"]: c for c in conditions(old, [app], "Running", True, "t1")}
+    assert got["PodScheduled"] == old[0]
+    assert got["Initialized"]["lastTransitionTime"] == "t0"
+    assert (got["Ready"]["status"], got["Ready"]["lastTransitionTime"]) == ("True", "t1")
+    not_ready = conditions(old, [Progress(init=False, runs=1)], "Running", True, "t2")
+    assert {c["type"]: c["status"] for c in not_ready}["ContainersReady"] == "False"
