@@ -26,9 +26,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m weightsync.operator", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m weightsync.operator", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--namespace",
         "-n",

@@ -70,9 +70,7 @@ def slots(name: str, spec: WeightSyncSpec) -> list[Slot]:
 def endpoints(group: Group) -> list[str]:
     """The inference pods' DNS names, in replica order."""
     return [
-        c.pod_dns(group.name, group.namespace, s.pod)
-        for s in slots(group.name, group.spec)
-        if s.role == "inference"
+        c.pod_dns(group.name, group.namespace, s.pod) for s in slots(group.name, group.spec) if s.role == "inference"
     ]
 
 
@@ -201,9 +199,7 @@ def member_env(group: Group, slot: Slot) -> MemberEnv:
 
 def env_vars(group: Group, slot: Slot) -> list[Obj]:
     """The operator's env entries for one member: the contract, the token reference, the NCCL settings."""
-    out: list[Obj] = [
-        {"name": k, "value": v} for k, v in member_env(group, slot).to_env().items() if k != c.TOKEN_ENV
-    ]
+    out: list[Obj] = [{"name": k, "value": v} for k, v in member_env(group, slot).to_env().items() if k != c.TOKEN_ENV]
     out.append(
         {
             "name": c.TOKEN_ENV,
@@ -245,9 +241,7 @@ def pod(group: Group, slot: Slot) -> Obj:
         *(spec.get("volumes") or []),
         {
             "name": c.PODINFO_VOLUME,
-            "downwardAPI": {
-                "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
-            },
+            "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
         },
     ]
     ours = env_vars(group, slot)

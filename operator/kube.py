@@ -76,15 +76,11 @@ class Kube:
         pods = {p["metadata"]["name"]: observe_pod(p, ws.uid) for p in (raw or {}).get("items", [])}
         return Observed(
             pods=pods,
-            service=self._raw(
-                self.core.read_namespaced_service, c.service_name(name), ns, _preload_content=False
-            ),
+            service=self._raw(self.core.read_namespaced_service, c.service_name(name), ns, _preload_content=False),
             secret=self._meta_only(
                 self._raw(self.core.read_namespaced_secret, c.secret_name(name), ns, _preload_content=False)
             ),
-            role=self._raw(
-                self.rbac.read_namespaced_role, c.report_role_name(name), ns, _preload_content=False
-            ),
+            role=self._raw(self.rbac.read_namespaced_role, c.report_role_name(name), ns, _preload_content=False),
             role_binding=self._raw(
                 self.rbac.read_namespaced_role_binding, c.report_role_name(name), ns, _preload_content=False
             ),
@@ -208,6 +204,4 @@ class Kube:
         try:
             self.core.create_namespaced_event(meta["namespace"], cast(Any, body), _preload_content=False)
         except ApiException as err:
-            log.warning(
-                "could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], err
-            )
+            log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], err)

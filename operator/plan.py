@@ -149,13 +149,8 @@ def observe_pod(pod: Obj, owner_uid: str) -> ObservedPod:
     """The facts about a pod that planning uses."""
     meta = pod.get("metadata", {})
     status = pod.get("status") or {}
-    owned = any(
-        ref.get("uid") == owner_uid and ref.get("controller") for ref in meta.get("ownerReferences") or []
-    )
-    ready = any(
-        cond.get("type") == "Ready" and cond.get("status") == "True"
-        for cond in status.get("conditions") or []
-    )
+    owned = any(ref.get("uid") == owner_uid and ref.get("controller") for ref in meta.get("ownerReferences") or [])
+    ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in status.get("conditions") or [])
     details = []
     for cs in status.get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
@@ -264,17 +259,13 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         message = "refusing to create anything: " + "; ".join(conflicts)
         was = next((x for x in old.conditions if x.type == "Failed"), None)
         refused = (
-            []
-            if was is not None and was.message == message
-            else [Event("Warning", c.REASON_RESERVED_ENV, message)]
+            [] if was is not None and was.message == message else [Event("Warning", c.REASON_RESERVED_ENV, message)]
         )
         condition("Failed", True, c.REASON_RESERVED_ENV, message)
         condition("Ready", False, c.REASON_RESERVED_ENV, "the spec is refused")
         condition("Progressing", False, c.REASON_RESERVED_ENV, "the spec is refused")
         condition("Degraded", False, c.REASON_AS_EXPECTED, "")
-        status = old.model_copy(
-            update={"phase": "Failed", "conditions": conditions, "observed_generation": gen}
-        )
+        status = old.model_copy(update={"phase": "Failed", "conditions": conditions, "observed_generation": gen})
         return Plan(status=_dump(status), events=refused)
 
     epoch = old.epoch or 0
@@ -291,9 +282,7 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
     foreign = sorted(n for n, p in pods.items() if not p.owned and n in by_name)
 
     # Count each loss once (see the module docstring).
-    failed = sorted(
-        n for n, p in terminated.items() if n in by_name and (n in recorded or (p.epoch or 0) >= epoch)
-    )
+    failed = sorted(n for n, p in terminated.items() if n in by_name and (n in recorded or (p.epoch or 0) >= epoch))
     lost = sorted(n for n in recorded if n in by_name and n not in live and n not in terminated)
     scaled = old.world_size is not None and old.world_size != world
     failures = len(failed) + len(lost)
@@ -305,9 +294,7 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
     events: list[Event] = []
     for n in failed:
         detail = pods[n].detail or f"phase {pods[n].phase}"
-        events.append(
-            Event("Warning", c.REASON_MEMBER_FAILED, f"member {n} ended at epoch {epoch}: {detail}")
-        )
+        events.append(Event("Warning", c.REASON_MEMBER_FAILED, f"member {n} ended at epoch {epoch}: {detail}"))
     for n in lost:
         how = "is being deleted" if n in pods else "vanished"
         events.append(Event("Warning", c.REASON_MEMBER_LOST, f"member {n} {how} at epoch {epoch}"))
@@ -320,13 +307,9 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
             )
         )
     if bump:
-        why = ", ".join(
-            filter(None, [f"{failures} member(s) lost" if failures else "", "scaled" if scaled else ""])
-        )
+        why = ", ".join(filter(None, [f"{failures} member(s) lost" if failures else "", "scaled" if scaled else ""]))
         events.append(
-            Event(
-                "Normal", c.REASON_EPOCH_BUMPED, f"epoch {epoch} -> {new_epoch} ({why}); the group re-forms"
-            )
+            Event("Normal", c.REASON_EPOCH_BUMPED, f"epoch {epoch} -> {new_epoch} ({why}); the group re-forms")
         )
 
     over = restarts > spec.failure_policy.max_restarts
@@ -347,13 +330,9 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
     else:
         actions += _ensure_shared(group, observed, token)
         for n, p in sorted(terminated.items()):
-            actions.append(
-                Delete("Pod", n, p.uid, Event("Normal", c.REASON_DELETED, f"deleted ended member {n}"))
-            )
+            actions.append(Delete("Pod", n, p.uid, Event("Normal", c.REASON_DELETED, f"deleted ended member {n}")))
         for n, p in sorted(extra.items()):
-            actions.append(
-                Delete("Pod", n, p.uid, Event("Normal", c.REASON_DELETED, f"deleted {n}: scaled away"))
-            )
+            actions.append(Delete("Pod", n, p.uid, Event("Normal", c.REASON_DELETED, f"deleted {n}: scaled away")))
         patched = []
         for n, p in sorted(live.items()):
             wanted = desired.member_annotations(group, by_name[n], new_epoch)
@@ -417,9 +396,7 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         if s.pod in live
     ]
     ready_count = sum(1 for m in members if m.ready)
-    member_actions = any(
-        isinstance(a, (Create, Delete)) or (isinstance(a, Patch) and a.kind == "Pod") for a in actions
-    )
+    member_actions = any(isinstance(a, (Create, Delete)) or (isinstance(a, Patch) and a.kind == "Pod") for a in actions)
     whole = ready_count == len(all_slots) and not member_actions and not waiting_backoff and not extra
     degraded_before = any(x.type == "Degraded" and x.status == "True" for x in old.conditions)
     degraded = not whole and (failures > 0 or degraded_before)
@@ -444,13 +421,9 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         summary += f"; waiting for stale pods {', '.join(foreign)} of a previous owner to go"
     condition("Ready", phase == "Ready", c.REASON_READY if phase == "Ready" else phase, summary)
     progressing = phase in ("Pending", "Forming", "Degraded")
-    condition(
-        "Progressing", progressing, c.REASON_FORMING if progressing else phase, summary if progressing else ""
-    )
+    condition("Progressing", progressing, c.REASON_FORMING if progressing else phase, summary if progressing else "")
     if degraded:
-        reason = (
-            c.REASON_MEMBER_FAILED if failed else c.REASON_MEMBER_LOST if lost else _reason(old, "Degraded")
-        )
+        reason = c.REASON_MEMBER_FAILED if failed else c.REASON_MEMBER_LOST if lost else _reason(old, "Degraded")
         message = (
             f"lost {', '.join(failed + lost)}; re-forming at epoch {new_epoch}"
             if failures
@@ -458,16 +431,10 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         )
         condition("Degraded", True, reason, message)
     else:
-        settled = next(
-            (x.reason for x in old.conditions if x.type == "Degraded" and x.status == "False"), None
-        )
-        condition(
-            "Degraded", False, c.REASON_RECOVERED if degraded_before else settled or c.REASON_AS_EXPECTED, ""
-        )
+        settled = next((x.reason for x in old.conditions if x.type == "Degraded" and x.status == "False"), None)
+        condition("Degraded", False, c.REASON_RECOVERED if degraded_before else settled or c.REASON_AS_EXPECTED, "")
     if phase == "Ready" and not any(x.type == "Ready" and x.status == "True" for x in old.conditions):
-        events.append(
-            Event("Normal", c.REASON_READY, f"all {len(all_slots)} members ready at epoch {new_epoch}")
-        )
+        events.append(Event("Normal", c.REASON_READY, f"all {len(all_slots)} members ready at epoch {new_epoch}"))
 
     status = WeightSyncStatus(
         phase=phase,
@@ -522,9 +489,7 @@ def _ensure_shared(group: desired.Group, observed: Observed, token: str) -> list
     if observed.service is None:
         actions.append(Create(svc, Event("Normal", c.REASON_CREATED, f"created headless Service {name}")))
     elif is_owned(observed.service, group.uid):
-        patch = _drift(
-            observed.service.get("spec", {}), svc["spec"], ("selector", "publishNotReadyAddresses", "ports")
-        )
+        patch = _drift(observed.service.get("spec", {}), svc["spec"], ("selector", "publishNotReadyAddresses", "ports"))
         if patch:
             actions.append(
                 Patch(

@@ -9,14 +9,14 @@ NCCL; on gloo the compute lane is the host itself, so waiting on a fence is a bo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-
 from weightsync.runtime.errors import WeightSyncError
 
 #: Called while waiting; raises (PeerLostError, TimeoutError) to stop the wait.
@@ -80,7 +80,8 @@ class GlooCommunicator:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device("cpu")
-        self._pg = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout))
+        # Typed loosely: torch's stubs omit the collectives that ProcessGroupGloo inherits at run time.
+        self._pg: Any = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout))
         self._last: dist.Work | None = None
         self._check_on_error: Check | None = None
 
@@ -114,7 +115,13 @@ class GlooCommunicator:
         host_wait(self.comm_fence(), check, on_error=check)
 
     def abort(self) -> None:
-        self._pg = None  # type: ignore[assignment]  # gloo works cannot be cancelled; drop the group
+        # gloo works cannot be cancelled: destroying (or aborting) the group joins worker threads that sit
+        # in a stuck peer's socket until gloo's own time-out. The broken group is abandoned instead: one
+        # extra reference keeps its destructor from ever running in this process (a small, bounded leak
+        # on a path that only a dead peer takes).
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
 
     def close(self) -> None:
-        self._pg = None  # type: ignore[assignment]
+        self._pg = None

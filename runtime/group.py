@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from weightsync.contract import MemberEnv
 from weightsync.runtime.comm import Check, Communicator, GlooCommunicator
 from weightsync.runtime.errors import (
     ConfigMismatchError,
@@ -27,6 +25,8 @@ from weightsync.runtime.errors import (
 )
 from weightsync.runtime.manifest import TransferConfig
 from weightsync.runtime.rendezvous import TRAINER_RANK, KeyStore, Liveness, connect_store, key_prefix
+
+from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
@@ -160,9 +160,12 @@ class SyncGroup:
                 if sizes:
                     raise ConfigMismatchError("; ".join(keys.get("group")["errors"]))
             else:
+                # The trainer knows who is missing and says so through the store: give it a moment
+                # past the common deadline before concluding that it is the trainer that failed.
+                grace = self.dead_after + 2 * self.heartbeat_interval
                 try:
-                    keys.wait_for(["group"], deadline, on_poll=self._check_peers(deadline, "rendezvous",
-                                                                                 ranks=(TRAINER_RANK,)))
+                    keys.wait_for(["group"], deadline + grace,
+                                  on_poll=self._check_peers(None, "rendezvous", ranks=(TRAINER_RANK,)))
                 except TimeoutError:
                     raise RendezvousError(
                         f"{self.describe(TRAINER_RANK)} did not form the group within {self.timeout:.0f}s at "
@@ -205,6 +208,7 @@ class SyncGroup:
             self.liveness.raise_if_dead(what, self.describe, ranks)
             if self.keys.has("abort"):
                 abort = self.keys.get("abort")
+                self.keys.add("abort/seen", 1)
                 raise PeerLostError(f"{what} aborted by {self.describe(abort['by'])}: {abort['reason']}",
                                     ranks=tuple(abort["ranks"]))
 
@@ -244,7 +248,7 @@ class SyncGroup:
 
     def put_raw(self, key: str, value: bytes) -> None:
         assert self.keys is not None
-        self.keys.store.set(key, value)
+        self.keys.put_raw(key, value)
 
     def get(self, key: str) -> Any:
         assert self.keys is not None
@@ -259,11 +263,22 @@ class SyncGroup:
             try:
                 if not self.keys.has("abort"):
                     self.put("abort", {"by": self.rank, "reason": str(err), "ranks": ranks})
+                    if self.is_trainer:
+                        self._linger_for_abort_readers(ranks)
             except Exception:
                 pass  # the store's host is gone; the others find out by themselves
         if self.comm is not None:
             self.comm.abort()
         self.teardown()
+
+    def _linger_for_abort_readers(self, culprits: list[int]) -> None:
+        """The trainer hosts the store: keep it up (briefly, bounded) until the live members read the abort,
+        so that they learn who failed instead of only seeing the store vanish when the trainer exits."""
+        assert self.keys is not None
+        readers = [r for r in range(1, self.env.world_size) if r not in culprits and self.keys.has(f"join/{r}")]
+        deadline = time.monotonic() + self.dead_after + 2 * self.heartbeat_interval
+        while self.keys.add("abort/seen", 0) < len(readers) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def run_guarded(self, what: str, body: Callable[[], Any]) -> Any:
         """Run one sync's body; any failure breaks the group (until the next epoch) and names the dead."""

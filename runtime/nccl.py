@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
 from weightsync.runtime.comm import Check, Fence, host_wait
 from weightsync.runtime.errors import WeightSyncError
 
@@ -106,12 +105,20 @@ def new_unique_id() -> bytes:
     return bytes(uid.internal)
 
 
+def _new_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+def _new_event() -> torch.cuda.Event:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
 class _EventFence:
     def __init__(self, event: torch.cuda.Event) -> None:
         self.event = event
 
     def query(self) -> bool:
-        return bool(self.event.query())
+        return bool(self.event.query())  # type: ignore[no-untyped-call]
 
 
 class NcclCommunicator:
@@ -126,8 +133,8 @@ class NcclCommunicator:
         self.nccl = library()
         self.transport = f"nccl {self.nccl.version // 10000}.{self.nccl.version // 100 % 100}"
         torch.cuda.set_device(device)
-        self.comm_stream = torch.cuda.Stream(device)
-        self.compute_stream = torch.cuda.Stream(device)
+        self.comm_stream = _new_stream(device)
+        self.compute_stream = _new_stream(device)
         self._keep: list[torch.Tensor] = []  # tensors in flight on the comm stream, until finish()
         uid = _UniqueId()
         ctypes.memmove(uid.internal, unique_id, NCCL_UNIQUE_ID_BYTES)
@@ -169,22 +176,22 @@ class NcclCommunicator:
             self._settle("ncclBroadcast", lambda: None)
 
     def comm_fence(self) -> Fence:
-        event = torch.cuda.Event()
+        event = _new_event()
         event.record(self.comm_stream)
         return _EventFence(event)
 
     def compute_fence(self) -> Fence | None:
-        event = torch.cuda.Event()
+        event = _new_event()
         event.record(self.compute_stream)
         return _EventFence(event)
 
     def comm_wait(self, fence: Fence | None) -> None:
-        if fence is not None:
-            self.comm_stream.wait_event(fence.event)  # type: ignore[attr-defined]
+        if isinstance(fence, _EventFence):
+            self.comm_stream.wait_event(fence.event)
 
     def compute_wait(self, fence: Fence | None, check: Check) -> None:
-        if fence is not None:
-            self.compute_stream.wait_event(fence.event)  # type: ignore[attr-defined]
+        if isinstance(fence, _EventFence):
+            self.compute_stream.wait_event(fence.event)
 
     def start(self) -> None:
         """Order both lanes after the caller's pending work (its optimizer step, its forward pass)."""

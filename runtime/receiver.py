@@ -8,14 +8,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
-from weightsync.contract import MemberEnv
 from weightsync.runtime.errors import ChecksumError, ConfigMismatchError
 from weightsync.runtime.group import SyncGroup
 from weightsync.runtime.manifest import Manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.report import SyncReport
 from weightsync.runtime.transfer import Buffers, ChecksumAccumulator, Loader, receive_chunks, spec_of
+
+from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
@@ -84,7 +84,7 @@ class WeightReceiver:
                 group.run_guarded("the wait for the next sync", check)
                 time.sleep(_MANIFEST_POLL_SECONDS)
             else:
-                return seq, Manifest.from_json(group.keys.store.get(key))
+                return seq, Manifest.from_json(group.keys.get_raw(key))
 
     def receive(self, loader: Loader | None = None, *, into: Mapping[str, torch.Tensor] | None = None,
                 timeout: float | None = None) -> SyncReport:
@@ -116,7 +116,8 @@ class WeightReceiver:
             views = self.buffers.prepare(plan, manifest.tensors, manifest.signature(), manifest.config.num_buffers,
                                          group.device)
             sums = ChecksumAccumulator(bool(manifest.checksums), {})
-            receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,  # type: ignore[arg-type]
+            assert group.comm is not None
+            receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,
                            into, loader, sums, group.checker(f"sync v{version}", deadline))
             got = sums.fetch(len(manifest.tensors))
             errors = [f"tensor {manifest.tensors[i].name!r} checksum {g} != trainer's {w}"

@@ -19,7 +19,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-
 from weightsync.runtime.errors import PeerLostError, RendezvousError
 
 log = logging.getLogger("weightsync.runtime")
@@ -61,6 +60,15 @@ def connect_store(host: str, port: int, is_host: bool, timeout: float) -> dist.T
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
 
 
+def _reaching_trainer(call: Callable[[], Any]) -> Any:
+    """Run a store operation; a store that stops answering means its host, the trainer, is gone."""
+    try:
+        return call()
+    except (RuntimeError, OSError) as err:  # c10d's DistNetworkError and friends
+        raise PeerLostError(f"rank {TRAINER_RANK} (trainer) is unreachable: the rendezvous store it hosts "
+                            f"stopped answering ({str(err).splitlines()[0]})", ranks=(TRAINER_RANK,)) from err
+
+
 class KeyStore:
     """A prefixed view of the store with JSON values and bounded waits."""
 
@@ -70,16 +78,22 @@ class KeyStore:
         self.prefix = prefix
 
     def put(self, key: str, value: Any) -> None:
-        self.store.set(key, json.dumps(value))
+        _reaching_trainer(lambda: self.store.set(key, json.dumps(value)))
+
+    def put_raw(self, key: str, value: bytes) -> None:
+        _reaching_trainer(lambda: self.store.set(key, value.decode()))
 
     def get(self, key: str) -> Any:
-        return json.loads(self.store.get(key))
+        return json.loads(_reaching_trainer(lambda: self.store.get(key)))
+
+    def get_raw(self, key: str) -> bytes:
+        return bytes(_reaching_trainer(lambda: self.store.get(key)))
 
     def has(self, key: str) -> bool:
-        return bool(self.store.check([key]))
+        return bool(_reaching_trainer(lambda: self.store.check([key])))
 
     def add(self, key: str, amount: int) -> int:
-        return int(self.store.add(key, amount))
+        return int(_reaching_trainer(lambda: self.store.add(key, amount)))
 
     def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None]) -> None:
         """Wait until every key exists; `on_poll` runs between polls and may raise.
@@ -162,6 +176,9 @@ class Liveness:
 
     def raise_if_dead(self, what: str, describe: Callable[[int], str], ranks: Iterable[int] | None = None) -> None:
         dead = self.dead_ranks(ranks)
+        if dead and self._store_failed_at is not None:
+            raise PeerLostError(f"{describe(TRAINER_RANK)} is unreachable during {what}: the rendezvous store "
+                                "it hosts stopped answering", ranks=(TRAINER_RANK,))
         if dead:
             names = ", ".join(describe(r) for r in dead)
             raise PeerLostError(f"{names} stopped responding during {what} "

@@ -8,14 +8,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-
-from weightsync.contract import MemberEnv
 from weightsync.runtime.errors import ChecksumError, ConfigMismatchError
 from weightsync.runtime.group import SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
 from weightsync.runtime.transfer import Buffers, checksum, send_chunks, spec_of
+
+from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
@@ -89,7 +89,8 @@ class WeightSender:
             group.put(f"sync/{seq}/go", {"problems": problems})
             if problems:
                 raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
-            send_chunks(group.comm, plan, sources, views, self.buffers.buffers,  # type: ignore[arg-type]
+            assert group.comm is not None
+            send_chunks(group.comm, plan, sources, views, self.buffers.buffers,
                         group.checker(f"sync v{version}", deadline))
             group.wait_all([f"sync/{seq}/ack/{r}" for r in receivers], deadline, f"the end of sync v{version}")
             bad = [f"{group.describe(r)}: {e}" for r in receivers for e in group.get(f"sync/{seq}/ack/{r}")["errors"]]

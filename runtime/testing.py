@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -95,8 +95,16 @@ def digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+_began = time.time()  # reset by each member when it starts its work: bounds are measured from there
+
+
+def _begin() -> None:
+    global _began
+    _began = time.time()
+
+
 def _result(rank: int, **kw: Any) -> dict[str, Any]:
-    return {"rank": rank, "pid": os.getpid(), "at": time.time(), **kw}
+    return {"rank": rank, "pid": os.getpid(), "began": _began, "at": time.time(), **kw}
 
 
 def _error(rank: int, err: BaseException) -> dict[str, Any]:
@@ -109,6 +117,7 @@ def run_trainer(env: MemberEnv, versions: int, count: int, large_numel: int, res
                 device: str = "cpu", send_kwargs: dict[str, Any] | None = None) -> None:
     from weightsync.runtime import WeightSender
 
+    _begin()
     try:
         with WeightSender(env, device=device, **(send_kwargs or {})) as sender:
             digests, reports = {}, []
@@ -122,13 +131,14 @@ def run_trainer(env: MemberEnv, versions: int, count: int, large_numel: int, res
 
 
 def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, results: Queue[Any],
-                 device: str = "cpu", count: int = 0, large_numel: int = 0, block_in_loader: bool = False,
+                 device: str = "cpu", count: int = 0, large_numel: int = 0, pause_in_loader: float = 0.0,
                  signals: Queue[Any] | None = None) -> None:
-    """Receive `versions` syncs; with `block_in_loader`, announce the first batch on `signals` and stop there
-    (the test then kills this process or another one mid-sync)."""
+    """Receive `versions` syncs. With `signals`, announce the first batch there; `pause_in_loader` seconds
+    are spent in the loader for every batch (the test kills this process or another one meanwhile)."""
     from weightsync.runtime import WeightReceiver
 
     rank = env.rank_offset + local_rank
+    _begin()
     try:
         with WeightReceiver(env, local_rank=local_rank, device=device) as receiver:
             digests, reports = {}, []
@@ -137,11 +147,11 @@ def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, res
             for v in range(versions):
                 got: dict[str, torch.Tensor] = {}
 
-                def loader(batch: list[tuple[str, torch.Tensor]]) -> None:
-                    if signals is not None:
+                def loader(batch: list[tuple[str, torch.Tensor]], got: dict[str, torch.Tensor] = got) -> None:
+                    if signals is not None and not got:
                         signals.put(rank)
-                    if block_in_loader:
-                        time.sleep(3600)
+                    if pause_in_loader:
+                        time.sleep(pause_in_loader)
                     for name, t in batch:
                         got[name] = t.clone()
 
@@ -161,3 +171,112 @@ def kill(pid: int) -> float:
     """SIGKILL a member; returns the wall-clock time of the kill."""
     os.kill(pid, signal.SIGKILL)
     return time.time()
+
+
+def run_group(envs: list[MemberEnv], *, versions: int = 2, count: int = 100, large_numel: int = 0,
+              styles: tuple[str, ...] = ("into", "loader"), devices: dict[int, str] | None = None,
+              skip_ranks: tuple[int, ...] = (), block_rank: int | None = None, block_seconds: float = 3600.0,
+              kill_on_first_batch: int | None = None, receiver_large_numel: int | None = None,
+              wait: float = 120.0) -> dict[int, dict[str, Any]]:
+    """Run a trainer and every inference worker of `envs` as separate processes; returns results by rank.
+
+    `receiver_large_numel` gives the receivers' destinations another size for the large tensor.
+    `skip_ranks` never start (a member that never arrives). `block_rank` spends `block_seconds` in its
+    loader for every batch (the default: it stops there); `kill_on_first_batch` names the rank SIGKILLed as
+    soon as that rank's first batch arrives (mid-sync), and its result records `killed_at`. A rank that
+    stops for good is not waited for.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results: Queue[Any] = ctx.Queue()
+    signals: Queue[Any] = ctx.Queue()
+    devices = devices or {}
+    procs: dict[int, Any] = {}
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    for env in envs:
+        for k in range(env.local_world_size):
+            rank = env.rank_offset + k
+            if rank in skip_ranks:
+                continue
+            device = devices.get(rank, "cpu")
+            if env.role == "trainer":
+                target, args, kwargs = run_trainer, (env, versions, count, large_numel, results, device), {}
+            else:
+                style = styles[(rank - 1) % len(styles)] if rank != block_rank else "loader"
+                target, args = run_receiver, (env, k, versions, style, results, device)
+                kwargs = {"count": count,
+                          "large_numel": large_numel if receiver_large_numel is None else receiver_large_numel,
+                          "pause_in_loader": block_seconds if rank == block_rank else 0.0,
+                          "signals": signals if rank == block_rank else None}
+            procs[rank] = ctx.Process(target=target, args=args, kwargs=kwargs, name=f"weightsync-rank-{rank}")
+    for p in procs.values():
+        p.start()
+    out: dict[int, dict[str, Any]] = {}
+    expected = set(procs)
+    if block_rank is not None:
+        signals.get(timeout=wait)
+        if block_seconds >= wait:
+            expected.discard(block_rank)
+        if kill_on_first_batch is not None:
+            killed_at = kill(procs[kill_on_first_batch].pid)
+            out[kill_on_first_batch] = {"rank": kill_on_first_batch, "killed_at": killed_at}
+            expected.discard(kill_on_first_batch)
+    deadline = time.monotonic() + wait
+    try:
+        while expected - set(out):
+            r = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+            out.setdefault(r["rank"], r)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    return out
+
+
+def run_trainer_with_own_job(env: MemberEnv, job_port: int, versions: int, results: Queue[Any]) -> None:
+    """A trainer that is also rank 0 of its own torch.distributed job (MASTER_ADDR/RANK set by the user):
+    its training collectives and weightsync's group must both keep working, interleaved."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job_port), "RANK": "0", "WORLD_SIZE": "2"})
+    try:
+        dist.init_process_group("gloo")
+        from weightsync.runtime import WeightSender
+
+        sums, digests = [], {}
+        with WeightSender(env) as sender:
+            for v in range(versions):
+                grad = torch.full((4,), float(v + 1))
+                dist.all_reduce(grad)  # the training job's own collective, before and after each sync
+                named = make_tensors(30, v)
+                sender.send(named, version=v)
+                digests[v] = digest(named)
+                dist.all_reduce(grad)
+                sums.append(grad.tolist())
+        env_after = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+        dist.destroy_process_group()
+        results.put(_result(0, digests=digests, sums=sums, env_after=env_after))
+    except BaseException as err:
+        results.put(_error(0, err))
+
+
+def run_training_peer(job_port: int, versions: int, results: Queue[Any]) -> None:
+    """Rank 1 of the trainer's own job (not a weightsync member)."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job_port), "RANK": "1", "WORLD_SIZE": "2"})
+    try:
+        dist.init_process_group("gloo")
+        sums = []
+        for v in range(versions):
+            grad = torch.full((4,), float(v + 1))
+            dist.all_reduce(grad)
+            dist.all_reduce(grad)
+            sums.append(grad.tolist())
+        dist.destroy_process_group()
+        results.put(_result(-1, sums=sums))
+    except BaseException as err:
+        results.put(_error(-1, err))

@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from weightsync.runtime.comm import Check, Communicator, Fence
 from weightsync.runtime.plan import Plan, TensorSpec
 

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from weightsync.runtime.manifest import Manifest, TransferConfig, build_manifest
+from weightsync.runtime.plan import TensorSpec
+
+CONFIG = TransferConfig("weightsync", True, 1 << 20, 2, False)
+
+
+def test_the_manifest_round_trips_as_json_and_rebuilds_the_same_plan() -> None:
+    specs = [TensorSpec("a", "bfloat16", (3, 4), 2), TensorSpec("b", "bool", (), 1), TensorSpec("c", "int64", (0,), 8)]
+    manifest, plan = build_manifest(7, CONFIG, specs, 1 << 20, (1, 2, 3))
+    raw = manifest.to_json()
+    assert b"pickle" not in raw and raw.startswith(b"{")
+    again = Manifest.from_json(raw)
+    assert again == manifest
+    assert again.plan() == plan
+    assert again.signature() == manifest.signature()
+
+
+def test_config_differences_name_the_setting() -> None:
+    mine = TransferConfig("weightsync", True, 1 << 21, 2, False)
+    assert mine.differences(CONFIG) == ["buffer_bytes: trainer has 1048576, this member has 2097152"]
+    assert CONFIG.differences(CONFIG) == []
