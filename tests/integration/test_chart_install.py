@@ -196,8 +196,9 @@ def granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 def forbidden(events: list[dict[str, Any]]) -> list[str]:
+    """Requests that RBAC refused (not those refused by admission, e.g. in a namespace being deleted)."""
     return sorted({f"{ev['verb']} {ev['requestURI']}" for ev in events
-                   if ev.get("responseStatus", {}).get("code") == 403})
+                   if ev.get("annotations", {}).get("authorization.k8s.io/decision") == "forbid"})
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -250,7 +251,34 @@ def assert_least_privilege(
     assert not unused, f"granted but never used by the operator: {sorted(unused)}\nused: {sorted(used)}"
 
 
-def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release) -> None:
+def assert_denials_are_caught(sandbox: Any, release: Release, tmp_path: Path) -> None:
+    """Control for assert_least_privilege: a request that RBAC refuses, made with the operator's
+    ServiceAccount token bound to a running operator pod, is found by audit_events() and forbidden()."""
+    pod = release.operator_pods()[0]["metadata"]["name"]
+    token = sandbox.kubectl("create", "token", release.fullname, "-n", release.namespace,
+                            "--bound-object-kind=Pod", f"--bound-object-name={pod}").stdout.strip()
+    admin = yaml.safe_load(sandbox.kubectl("config", "view", "--raw", "--minify").stdout)
+    cluster = admin["clusters"][0]["cluster"]
+    kubeconfig = tmp_path / "operator-token.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "op",
+        "clusters": [{"name": "sb", "cluster": cluster}],
+        "users": [{"name": "op", "user": {"token": token}}],
+        "contexts": [{"name": "op", "context": {"cluster": "sb", "user": "op"}}],
+    }))
+    since = audit_offset(sandbox)
+    denied = sandbox.kubectl("--kubeconfig", str(kubeconfig), "get", "configmaps", "-n", release.namespace,
+                             check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr, denied.stderr
+
+    def caught() -> list[str]:
+        return forbidden(audit_events(sandbox, release.user, since, {pod}))
+
+    (request,) = poll(caught, 30, "the denied request in the audit log")
+    assert request.startswith(f"list /api/v1/namespaces/{release.namespace}/configmaps"), request
+
+
+def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release, tmp_path: Path) -> None:
     """The whole life of a release, with the operator as a pod under the chart's ServiceAccount."""
     work = make_namespace(sandbox, "wsop-work")
     fast_resync = ("--set", "extraArgs={--resync-seconds=3}")  # Roles are repaired on the periodic resync
@@ -301,6 +329,7 @@ def test_install_reconcile_rbac_upgrade_uninstall(sandbox: Any, release: Release
         cluster_role = kjson(sandbox, "get", "clusterrole", f"{release.fullname}-{release.namespace}")
         assert "clusterkopfpeerings" in {r for rule in cluster_role["rules"] for r in rule["resources"]}
         assert_least_privilege(sandbox, release, cluster_role["rules"], since, delegated)
+        assert_denials_are_caught(sandbox, release, tmp_path)
 
         # Uninstall: nothing of the release is left but the CRDs.
         release.uninstall()
