@@ -79,7 +79,8 @@ def start(
         str(spec_file),
     ]
     with open(log_file, "ab") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+        command = " ".join(argv).replace("\n", "\\n")  # one line: kubectl logs splits runs on it
+        log.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {command}\n".encode())
         log.flush()
         popen = subprocess.Popen(
             cmd,

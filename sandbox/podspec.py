@@ -210,7 +210,11 @@ def render_hosts(pod: Obj, pods: Iterable[Obj], services: Iterable[Obj], api_ip:
     namespace = meta["namespace"]
     services = list(services)
     pods = [
-        p for p in pods if p.get("status", {}).get("podIP") and not p["metadata"].get("deletionTimestamp")
+        p
+        for p in pods
+        if p.get("status", {}).get("podIP")
+        and not p["metadata"].get("deletionTimestamp")
+        and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")  # finished pods have no address
     ]
     service_names = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
     lines = [

@@ -123,8 +123,10 @@ def test_hosts_file_has_pod_names_under_their_headless_service() -> None:
     worker = pod("inference-0", ip="10.77.0.3", hostname="inference-0", subdomain="g", labels={"group": "g"})
     worker["spec"]["hostAliases"] = [{"ip": "10.77.0.9", "hostnames": ["store", "store.local"]}]
     stranger = pod("other", ns="elsewhere", ip="10.77.0.4", hostname="x", subdomain="g")  # no Service there
+    finished = pod("done", ip="10.77.0.8", hostname="done", subdomain="g", labels={"group": "g"})
+    finished["status"]["phase"] = "Succeeded"
     headless = service("g", clusterIP="None", publishNotReadyAddresses=True, selector={"group": "g"})
-    hosts = render_hosts(worker, [trainer, worker, stranger], [headless], "10.77.0.1")
+    hosts = render_hosts(worker, [trainer, worker, stranger, finished], [headless], "10.77.0.1")
     lines = hosts.splitlines()
     assert (
         "10.77.0.3\tinference-0.g.ns.svc.cluster.local inference-0.g.ns.svc inference-0.g.ns "
@@ -138,6 +140,7 @@ def test_hosts_file_has_pod_names_under_their_headless_service() -> None:
         "10.77.0.1\tkubernetes.default.svc.cluster.local kubernetes.default.svc kubernetes.default" in lines
     )
     assert "10.77.0.4" not in hosts
+    assert "10.77.0.8" not in hosts
     assert "10.77.0.9\tstore store.local" in lines
 
 
