@@ -36,6 +36,7 @@ NODE_NAME = "sandbox-node-0"
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 AGENT = "node-agent"
 STARTUP_TIMEOUT_S = 120.0
+LOCK_TIMEOUT_S = 100 * 60.0  # another up may be building the binaries (about 10 min cold on 2 cores)
 
 
 class CommandError(subprocess.CalledProcessError):
@@ -133,8 +134,17 @@ class Sandbox:
     def _exclusive(self) -> Iterator[None]:
         """One up/down at a time per state directory (two test sessions, a demo and a test run)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        path = self.state_dir / "lock"
+        with open(path, "w") as lock:
+
+            def acquired() -> bool:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                return True
+
+            wait_for(acquired, LOCK_TIMEOUT_S, f"the lock {path} (another up/down of this sandbox)", 0.5)
             yield
 
     def up(self) -> Sandbox:
