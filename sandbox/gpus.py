@@ -3,7 +3,8 @@
 Where the machine has GPUs, the node advertises their real number as `nvidia.com/gpu` and every container
 that asks for some gets its own indices in CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES (part of the
 runtime's environment, so the pod spec can still override them). Without GPUs the node advertises a
-fixed count (8, or $WEIGHTSYNC_SANDBOX_NODE_GPUS) so GPU pods schedule, and nothing is set.
+fixed count (8) so GPU pods schedule, and nothing is set. $WEIGHTSYNC_SANDBOX_NODE_GPUS overrides the
+advertised count in both cases.
 """
 
 from __future__ import annotations

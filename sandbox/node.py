@@ -22,7 +22,7 @@ def capacity() -> dict[str, str]:
         "memory": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_MEMORY", "128Gi"),
         "pods": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_PODS", "110"),
         "ephemeral-storage": "100Gi",
-        "nvidia.com/gpu": str(gpus.detect() or os.environ.get("WEIGHTSYNC_SANDBOX_NODE_GPUS", "8")),
+        "nvidia.com/gpu": os.environ.get("WEIGHTSYNC_SANDBOX_NODE_GPUS") or str(gpus.detect() or 8),
     }
 
 
