@@ -214,3 +214,19 @@ def test_pod_conditions_keep_transition_times_and_foreign_conditions() -> None:
     assert (got["Ready"]["status"], got["Ready"]["lastTransitionTime"]) == ("True", "t1")
     not_ready = conditions(old, [Progress(init=False, runs=1)], "Running", True, "t2")
     assert {c["type"]: c["status"] for c in not_ready}["ContainersReady"] == "False"
+
+
+def test_gpu_indices_are_exclusive_per_container_and_freed_per_pod() -> None:
+    from weightsync.sandbox.gpus import GpuAllocator
+
+    gpus = GpuAllocator(4)
+    ask = {"name": "main", "resources": {"limits": {"nvidia.com/gpu": "2"}}}
+    assert gpus.env("pod-a", ask) == {"CUDA_VISIBLE_DEVICES": "0,1", "NVIDIA_VISIBLE_DEVICES": "0,1"}
+    assert gpus.env("pod-a", ask)["CUDA_VISIBLE_DEVICES"] == "0,1"  # a restart keeps its GPUs
+    assert gpus.env("pod-b", ask)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with pytest.raises(RuntimeError, match="wants 2 GPUs, 0 are free"):
+        gpus.env("pod-c", ask)
+    gpus.release("pod-a")
+    assert gpus.env("pod-c", ask)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gpus.env("pod-d", {"name": "cpu-only"}) == {}
+    assert GpuAllocator(0).env("pod-e", ask) == {}  # no GPUs here: nothing set
