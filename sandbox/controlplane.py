@@ -109,8 +109,11 @@ class Sandbox:
         return f"https://{self.net.gateway}:{ports.apiserver}"
 
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
-        """A container's output (all its runs) as the node agent recorded it; '' before it ran."""
-        found = sorted(self.layout.pods.glob(f"{namespace}_{pod}_*/logs/{container}.log"))
+        """A container's output (all its runs) as the node agent recorded it; '' before it ran.
+
+        Of several pods by that name (a pod deleted and created again), the latest one's."""
+        logs = self.layout.pods.glob(f"{namespace}_{pod}_*/logs/{container}.log")
+        found = sorted(logs, key=lambda p: p.stat().st_ctime)
         return found[-1].read_text(errors="replace") if found else ""
 
     def exec_in_pod(
