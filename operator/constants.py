@@ -5,7 +5,13 @@ Pure: no kopf, no client.
 
 from __future__ import annotations
 
-from weightsync.contract import EPOCH_ANNOTATION, LAST_SYNC_ANNOTATION, PODINFO_MOUNT_PATH
+from weightsync.contract import (
+    ENDPOINTS_ANNOTATION,
+    EPOCH_ANNOTATION,
+    LAST_SYNC_ANNOTATION,
+    PODINFO_MOUNT_PATH,
+    WORLD_SIZE_ANNOTATION,
+)
 
 #: The operator's name: field manager, event source, kopf peering name, `app.kubernetes.io/managed-by`.
 OPERATOR_NAME = "weightsync-operator"
@@ -32,10 +38,10 @@ EPOCH = EPOCH_ANNOTATION
 LAST_SYNC = LAST_SYNC_ANNOTATION
 #: World size at the current epoch, updated with the epoch (a scale changes it for surviving members, whose
 #: WEIGHTSYNC_WORLD_SIZE env still holds the value at their creation).
-WORLD_SIZE = "weightsync.dev/world-size"
+WORLD_SIZE = WORLD_SIZE_ANNOTATION
 #: Trainer only: the inference pods' DNS names at the current epoch, comma-separated in replica order
 #: (WEIGHTSYNC_ENDPOINTS holds them as at the trainer's creation).
-ENDPOINTS = "weightsync.dev/endpoints"
+ENDPOINTS = ENDPOINTS_ANNOTATION
 
 # --- pod wiring -------------------------------------------------------------------------------------------
 #: The downward-API volume holding the pod's annotations, mounted at PODINFO_MOUNT_PATH in every container.

@@ -53,6 +53,7 @@ class SyncGroup:
         self.transfer = TransferConfig(env.protocol, env.packed, env.buffer_bytes, env.num_buffers, env.checksums)
         self.device = self._pick_device(device)
         self.epoch: int | None = None
+        self.world_size = env.world_size  # as published by the operator at the current epoch
         self.broken_epoch: int | None = None
         self.comm: Communicator | None = None
         self.keys: KeyStore | None = None
@@ -99,19 +100,22 @@ class SyncGroup:
             log.info("epoch %s -> %s: re-forming the sync group", self.epoch, epoch)
             self.teardown()
         if self.broken_epoch is not None and epoch <= self.broken_epoch:
-            epoch = self._wait_for_new_epoch()
+            self._wait_for_new_epoch()
+        epoch, self.world_size = self.env.membership()
+        if self.rank >= self.world_size:
+            raise WeightSyncError(f"rank {self.rank} is outside the group of world size {self.world_size} at epoch "
+                                  f"{epoch}: this pod was scaled away and should be gone soon")
         self._form(epoch)
 
-    def _wait_for_new_epoch(self) -> int:
+    def _wait_for_new_epoch(self) -> None:
         assert self.broken_epoch is not None
         deadline = time.monotonic() + self.timeout
-        while (epoch := self.current_epoch()) <= self.broken_epoch:
+        while self.current_epoch() <= self.broken_epoch:
             if time.monotonic() >= deadline:
                 raise WeightSyncError(
                     f"the sync group broke at epoch {self.broken_epoch} and no new epoch arrived within "
                     f"{self.timeout:.0f}s (the operator bumps it in {self.env.annotations_file})")
             time.sleep(0.1)
-        return epoch
 
     def _form(self, epoch: int) -> None:
         env = self.env
@@ -127,36 +131,36 @@ class SyncGroup:
             store = connect_store(env.master_addr, env.master_port, False, self.timeout)
             beat_store = connect_store(env.master_addr, env.master_port, False, self.timeout)
         self.keys = keys = KeyStore(store, prefix)
-        self.liveness = Liveness(KeyStore(beat_store, prefix), self.rank, env.world_size,
+        self.liveness = Liveness(KeyStore(beat_store, prefix), self.rank, self.world_size,
                                  self.heartbeat_interval, self.dead_after)
         self.liveness.start()
         self.epoch, self.seq, self.members = epoch, 0, {}
         me = {"rank": self.rank, "pod": socket.gethostname(), "pid": os.getpid(),
-              "local_world_size": env.local_world_size, "world_size": env.world_size}
+              "local_world_size": env.local_world_size, "world_size": self.world_size}
         keys.put(f"join/{self.rank}", me)
         self.members[self.rank] = me
         try:
             if self.is_trainer:
-                others = [f"join/{r}" for r in range(1, env.world_size)]
+                others = [f"join/{r}" for r in range(1, self.world_size)]
                 try:
                     keys.wait_for(others, deadline, on_poll=lambda: None)
                 except TimeoutError:
-                    missing = tuple(r for r in range(1, env.world_size) if not keys.has(f"join/{r}"))
+                    missing = tuple(r for r in range(1, self.world_size) if not keys.has(f"join/{r}"))
                     raise RendezvousError(
-                        f"{len(missing)} of {env.world_size - 1} members never arrived within "
+                        f"{len(missing)} of {self.world_size - 1} members never arrived within "
                         f"{self.timeout:.0f}s at epoch {epoch}: {self._describe_many(missing)}",
                         missing_ranks=missing) from None
-                for r in range(1, env.world_size):
+                for r in range(1, self.world_size):
                     self.members[r] = keys.get(f"join/{r}")
-                sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != env.world_size}
+                sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != self.world_size}
                 nccl_id = ""
                 if env.backend == "nccl":
                     from weightsync.runtime.nccl import new_unique_id
                     nccl_id = new_unique_id().hex()
-                keys.put("group", {"world_size": env.world_size, "backend": env.backend, "nccl_id": nccl_id,
+                keys.put("group", {"world_size": self.world_size, "backend": env.backend, "nccl_id": nccl_id,
                                    "epoch": epoch, "members": {str(r): m for r, m in self.members.items()},
                                    "errors": [f"{self.describe(r)} has WEIGHTSYNC_WORLD_SIZE={s}, the trainer "
-                                              f"{env.world_size}" for r, s in sizes.items()]})
+                                              f"{self.world_size}" for r, s in sizes.items()]})
                 if sizes:
                     raise ConfigMismatchError("; ".join(keys.get("group")["errors"]))
             else:
@@ -181,15 +185,15 @@ class SyncGroup:
             self._fail(err)
             raise
         log.info("rank %d joined the sync group at epoch %d (world size %d, %s) in %.2fs", self.rank, epoch,
-                 env.world_size, self.comm.transport, time.monotonic() - started)
+                 self.world_size, self.comm.transport, time.monotonic() - started)
 
     def _make_comm(self, nccl_id: str, deadline: float) -> Communicator:
         assert self.keys is not None
         if self.env.backend == "gloo":
             store = dist.PrefixStore("gloo/", self.keys.store)
-            return GlooCommunicator(store, self.rank, self.env.world_size, self.timeout)
+            return GlooCommunicator(store, self.rank, self.world_size, self.timeout)
         from weightsync.runtime.nccl import NcclCommunicator
-        return NcclCommunicator(bytes.fromhex(nccl_id), self.rank, self.env.world_size, self.device,
+        return NcclCommunicator(bytes.fromhex(nccl_id), self.rank, self.world_size, self.device,
                                 self._check_peers(deadline, "NCCL communicator set-up"))
 
     # ---------------------------------------------------------------------------------------- checks
@@ -275,7 +279,7 @@ class SyncGroup:
         """The trainer hosts the store: keep it up (briefly, bounded) until the live members read the abort,
         so that they learn who failed instead of only seeing the store vanish when the trainer exits."""
         assert self.keys is not None
-        readers = [r for r in range(1, self.env.world_size) if r not in culprits and self.keys.has(f"join/{r}")]
+        readers = [r for r in range(1, self.world_size) if r not in culprits and self.keys.has(f"join/{r}")]
         deadline = time.monotonic() + self.dead_after + 2 * self.heartbeat_interval
         while self.keys.add("abort/seen", 0) < len(readers) and time.monotonic() < deadline:
             time.sleep(0.02)

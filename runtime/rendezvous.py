@@ -44,7 +44,8 @@ def connect_store(host: str, port: int, is_host: bool, timeout: float) -> dist.T
         remaining = deadline - time.monotonic()
         try:
             return dist.TCPStore(
-                host, port, is_master=is_host, timeout=timedelta(seconds=max(remaining, 1.0)),
+                # Short attempts, so that the last one cannot overrun the deadline by much.
+                host, port, is_master=is_host, timeout=timedelta(seconds=min(max(remaining, 0.5), 2.0)),
                 wait_for_workers=False, use_libuv=True,
             )
         except (RuntimeError, OSError, ValueError) as err:  # refused, unresolvable, timed out

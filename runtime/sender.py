@@ -77,7 +77,7 @@ class WeightSender:
         views = self.buffers.prepare(plan, specs, manifest.signature(), self.env.num_buffers, group.device)
         seq = group.seq
         group.seq += 1
-        receivers = list(range(1, self.env.world_size))
+        receivers = list(range(1, group.world_size))
         started = time.perf_counter()
         deadline = time.monotonic() + group.timeout
 

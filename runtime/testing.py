@@ -280,3 +280,29 @@ def run_training_peer(job_port: int, versions: int, results: Queue[Any]) -> None
         results.put(_result(-1, sums=sums))
     except BaseException as err:
         results.put(_error(-1, err))
+
+
+def run_trainer_on_command(env: MemberEnv, count: int, commands: Queue[Any], results: Queue[Any],
+                           device: str = "cpu") -> None:
+    """A trainer that sends version v whenever `v` arrives on `commands` (None ends it); one result each."""
+    from weightsync.runtime import WeightSender
+
+    _begin()
+    with WeightSender(env, device=device) as sender:
+        while (version := commands.get()) is not None:
+            try:
+                named = make_tensors(count, version, device)
+                report = sender.send(named, version=version)
+                results.put(_result(0, version=version, digest=digest(named), report=report.to_json()))
+            except BaseException as err:
+                results.put(_error(0, err))
+
+
+def write_membership(annotations_file: str, epoch: int, world_size: int) -> None:
+    """Write a downward-API style annotations file, atomically, as the kubelet would."""
+    from weightsync.contract import EPOCH_ANNOTATION, WORLD_SIZE_ANNOTATION
+
+    tmp = f"{annotations_file}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f'{EPOCH_ANNOTATION}="{epoch}"\n{WORLD_SIZE_ANNOTATION}="{world_size}"\n')
+    os.replace(tmp, annotations_file)

@@ -9,6 +9,7 @@ Pure pydantic: importable without torch or kopf.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,10 @@ PODINFO_MOUNT_PATH = "/etc/weightsync/podinfo"
 #: The file of that volume that holds the annotations (`key="value"` lines, the downward API's format).
 ANNOTATIONS_FILE = f"{PODINFO_MOUNT_PATH}/annotations"
 
+#: The group's current world size and, on the trainer, the inference pods' DNS names: a scale changes
+#: both without restarting the survivors, whose env still holds the values from their creation.
+WORLD_SIZE_ANNOTATION = "weightsync.dev/world-size"
+ENDPOINTS_ANNOTATION = "weightsync.dev/endpoints"
 #: The trainer pod's annotation carrying its last sync report (JSON of `SyncReport`), which the operator
 #: aggregates into `status.lastSync`. The trainer may patch its own pod and nothing else (see docs/).
 LAST_SYNC_ANNOTATION = "weightsync.dev/last-sync"
@@ -138,7 +143,15 @@ class MemberEnv(BaseModel):
 
     def current_epoch(self) -> int:
         """The epoch from the annotations file when it is there (the operator bumps it), else `epoch`."""
-        return read_epoch(Path(self.annotations_file), default=self.epoch)
+        return self.membership()[0]
+
+    def membership(self) -> tuple[int, int]:
+        """(epoch, world size) as the operator last published them, read together from one file read;
+        the env's values until the annotations file exists."""
+        annotations = read_annotations(Path(self.annotations_file))
+        epoch = int(annotations.get(EPOCH_ANNOTATION, self.epoch))
+        world_size = int(annotations.get(WORLD_SIZE_ANNOTATION, self.world_size))
+        return epoch, world_size
 
 
 def env_name(field: str) -> str:
@@ -150,17 +163,24 @@ def reserved_env_names() -> frozenset[str]:
     return frozenset(env_name(f) for f in MemberEnv.model_fields)
 
 
-def read_epoch(annotations_file: Path, default: int = 0) -> int:
-    """Parse the epoch annotation out of a downward-API annotations file (`key="value"` per line)."""
+def read_annotations(annotations_file: Path) -> dict[str, str]:
+    """Parse a downward-API annotations file (`key="value"` per line, values JSON-quoted); {} if absent."""
     try:
         text = annotations_file.read_text()
     except FileNotFoundError:
-        return default
+        return {}
+    out = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key.strip() == EPOCH_ANNOTATION:
-            return int(value.strip().strip('"'))
-    return default
+        if sep:
+            value = value.strip()
+            out[key.strip()] = json.loads(value) if value.startswith('"') else value
+    return out
+
+
+def read_epoch(annotations_file: Path, default: int = 0) -> int:
+    """The epoch annotation of a downward-API annotations file, or `default` without one."""
+    return int(read_annotations(annotations_file).get(EPOCH_ANNOTATION, default))
 
 
 def _describe(err: ValidationError) -> str:

@@ -6,7 +6,7 @@ import pytest
 from weightsync.runtime.testing import group_envs, run_group
 
 TIMEOUT = 15.0
-SLACK = 5.0  # process start-up and teardown around the bound
+SLACK = 8.0  # process start-up and teardown around the bound, on a loaded 2-core machine
 
 
 def _survivors(results: dict[int, dict], excluded: set[int]) -> dict[int, dict]:
