@@ -328,6 +328,42 @@ def test_pods_resolve_and_connect_by_dns_name(sandbox: Sandbox, namespace: str) 
     )  # type: ignore[index]
 
 
+def test_a_gloo_group_forms_between_pods_by_dns_name(sandbox: Sandbox, namespace: str) -> None:
+    """What the weightsync runtime needs: a TCPStore at the trainer's DNS name, gloo between pod IPs."""
+    script = f"""
+        import datetime, os, torch, torch.distributed as dist
+        rank = int(os.environ["RANK"])
+        url = "tcp://r0.grp.{namespace}.svc.cluster.local:29500"
+        timeout = datetime.timedelta(seconds=60)
+        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2, timeout=timeout)
+        t = torch.full((4,), float(rank + 1))
+        dist.all_reduce(t)
+        print("SUM", t.tolist())
+    """
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grp"},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "gl"}},
+    }
+    members = [
+        python_pod(
+            f"r{rank}",
+            script,
+            metadata={"labels": {"app": "gl"}},
+            hostname=f"r{rank}",
+            subdomain="grp",
+            restartPolicy="Never",
+            container={"env": [{"name": "RANK", "value": str(rank)}]},
+        )
+        for rank in range(2)
+    ]
+    apply(sandbox, namespace, headless, *members)
+    for rank in range(2):
+        wait_phase(sandbox, namespace, f"r{rank}", "Succeeded")
+        assert "SUM [3.0, 3.0, 3.0, 3.0]" in sandbox.pod_log(namespace, f"r{rank}", "main")
+
+
 def test_failing_containers_follow_their_restart_policy(sandbox: Sandbox, namespace: str) -> None:
     flaky = """
         import pathlib, sys
