@@ -1,0 +1,129 @@
+"""The demo inference engine: one process per worker, each receiving the trainer's weights into its own
+copy of TinyLM and proving that it holds them.
+
+Runs in an inference pod of a WeightSync (the operator injects the WEIGHTSYNC_* environment):
+
+    python inference.py
+
+starts WEIGHTSYNC_LOCAL_WORLD_SIZE worker processes (local ranks 0..k-1, like the tensor-parallel
+workers of an engine) and waits for them; when one ends, the others are stopped and the pod ends with
+its exit code, so the operator sees the failure and re-forms the group. Each worker builds its model from
+its own seed (so only a sync can make it equal to the trainer's) and prints one line per sync received:
+
+    loaded v=3 epoch=0 rank=2 checksum=<16 hex> output=<16 hex> mean=... style=loader seconds=...
+
+`checksum` and `output` are computed exactly as the trainer computes its own (see demo_model.py); equal
+values for one version prove this worker holds the trainer's weights and gives the same output.
+
+Even local ranks receive straight into their parameters (`receive(into=...)`); odd ones go through a
+loader callback taking batches of (name, tensor), the way vLLM's `load_weights` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+from demo_model import build_model, checksum, probe
+from weightsync.runtime import PeerLostError, RendezvousError, WeightReceiver, WeightSyncError
+
+from weightsync.contract import MemberEnv
+
+#: Consecutive failed receives before a worker gives up (its pod then fails; the operator re-creates it).
+MAX_FAILURES = 5
+
+
+def run_worker(local_rank: int) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    receiver = WeightReceiver.from_env(local_rank=local_rank)
+    name = f"inference {socket.gethostname()} worker {local_rank} rank {receiver.rank}"
+
+    def log(message: str) -> None:
+        print(f"[{name} {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    model = build_model(seed=1000 + receiver.rank)
+    state = model.state_dict()  # tensors sharing storage with the parameters and buffers
+    style = "into" if local_rank % 2 == 0 else "loader"
+
+    def load_weights(batch: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """vLLM-style: the views are valid during the call, so copy them into the model."""
+        for key, tensor in batch:
+            state[key].copy_(tensor)
+
+    log(f"start: pid {os.getpid()}, own initial weights checksum={checksum(model)}, receiving with {style}")
+    failures = 0
+    while True:
+        try:
+            report = receiver.receive(into=state) if style == "into" else receiver.receive(load_weights)
+        except (PeerLostError, RendezvousError) as err:
+            failures += 1
+            log(f"receive failed ({failures}/{MAX_FAILURES}): {err}")
+            if failures >= MAX_FAILURES:
+                return 1
+            log("waiting for the operator's next epoch to re-form the group")
+            continue
+        except WeightSyncError as err:
+            log(f"giving up: {err}")
+            return 1
+        failures = 0
+        output, mean = probe(model)
+        log(f"loaded v={report.version} epoch={report.epoch} rank={receiver.rank} checksum={checksum(model)} "
+            f"output={output} mean={mean:.6f} style={style} tensors={report.tensors} bytes={report.bytes} "
+            f"seconds={report.seconds:.4f} gbps={report.gbps:.3f} transport={report.transport}")
+
+
+def run_pod() -> int:
+    """Start one worker per local rank; when one ends, stop the others and end with its exit code."""
+    workers = MemberEnv.from_env().local_world_size
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(k)])
+             for k in range(workers)]
+
+    terminating = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal terminating
+        terminating = True
+        stop_workers()
+
+    def stop_workers() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    pid, status = os.wait()  # the first worker to end decides the pod's fate
+    code = os.waitstatus_to_exitcode(status)
+    ended = next(k for k, p in enumerate(procs) if p.pid == pid)
+    print(f"[inference {socket.gethostname()}] worker {ended} ended with exit code {code}; stopping the others",
+          flush=True)
+    stop_workers()
+    for p in procs:
+        if p.pid != pid:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if terminating:
+        return 0
+    return code if code != 0 else 1  # a worker never ends on its own while the group lives
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", type=int, default=None, help="(internal) run worker LOCAL_RANK")
+    args = parser.parse_args()
+    return run_pod() if args.worker is None else run_worker(args.worker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The demo trainer: trains TinyLM on synthetic data and syncs its weights to every inference worker.
+
+Runs in the trainer pod of a WeightSync (the operator injects the WEIGHTSYNC_* environment):
+
+    python trainer.py --steps 8 --interval 1
+
+After each optimizer step it sends the whole state (`model.state_dict()`: parameters and buffers of mixed
+dtypes) as version = step and prints one line per sync, which the demo and the e2e tests read:
+
+    sync v=3 epoch=0 loss=6.0123 checksum=<16 hex> output=<16 hex> mean=... tensors=32 bytes=... gbps=...
+
+`checksum` hashes the state it sent and `output` the logits on a fixed input; an inference worker that
+received version v prints the same two values computed on its own copy of the model.
+
+When a member is lost the send raises PeerLostError; the operator bumps the epoch, and the next send
+waits for it, re-forms the group and sends the same version again. After the last step the trainer keeps
+its weights and re-sends the last version whenever the epoch changes (a member was replaced, the group
+was scaled), so a new member always gets the current weights. `--steps 0` trains until stopped.
+
+The weights of a fresh trainer are seeded from `--seed`, or from the pod's name and start time when it is
+not given: a trainer pod that is re-created starts from scratch (step 1, new weights) unless you give it a
+checkpoint to resume from (a volume; not done here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+
+import torch
+from demo_model import build_model, checksum, probe, train_step
+from weightsync.runtime import PeerLostError, RendezvousError, SyncReport, WeightSender
+
+#: Consecutive failed attempts at one sync before the trainer gives up (its pod then fails and the
+#: operator re-creates it, within the WeightSync's failurePolicy).
+MAX_ATTEMPTS = 5
+
+
+def log(message: str) -> None:
+    print(f"[trainer {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
+    """Send the model's state as `version`, re-trying (at the operator's next epoch) when a member is lost."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return sender.send(model.state_dict().items(), version=version)
+        except (PeerLostError, RendezvousError) as err:
+            log(f"sync v={version} failed (attempt {attempt}/{MAX_ATTEMPTS}): {err}")
+            if attempt < MAX_ATTEMPTS:
+                log("waiting for the operator's next epoch to re-form the group")
+    raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
+
+
+def report_line(report: SyncReport, model: torch.nn.Module, loss: float) -> str:
+    output, mean = probe(model)
+    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={checksum(model)} "
+            f"output={output} mean={mean:.6f} tensors={report.tensors} bytes={report.bytes} "
+            f"seconds={report.seconds:.4f} gbps={report.gbps:.3f} acked={len(report.acked)} "
+            f"transport={report.transport}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8, help="training steps, one sync each (0: until stopped)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between steps (a demo's pace)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    parser.add_argument("--seed", type=int, default=None, help="weights and data seed (default: a new one)")
+    args = parser.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    stop = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    seed = args.seed if args.seed is not None else zlib.crc32(f"{socket.gethostname()}-{time.time_ns()}".encode())
+    model = build_model(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    sender = WeightSender.from_env()
+    env = sender.env
+    log(f"start: pod {socket.gethostname()} pid {os.getpid()} seed {seed}; group {env.namespace}/{env.name}, "
+        f"world size {env.world_size}, backend {env.backend}, buffers {env.num_buffers} x {env.buffer_bytes} B; "
+        f"no checkpoint: training starts at step 1")
+
+    step, loss = 0, float("nan")
+    last_epoch = -1
+    try:
+        while args.steps == 0 or step < args.steps:
+            step += 1
+            loss = train_step(model, optimizer, step, seed)
+            report = sync(sender, model, step)
+            last_epoch = report.epoch
+            log(report_line(report, model, loss))
+            time.sleep(args.interval)
+        log(f"training done after {step} steps; holding v={step} and re-sending it whenever the group re-forms")
+        while not stop:
+            epoch = env.current_epoch()
+            if epoch != last_epoch:
+                report = sync(sender, model, step)
+                last_epoch = report.epoch
+                log(report_line(report, model, loss))
+            time.sleep(0.5)
+    finally:
+        sender.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
