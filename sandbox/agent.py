@@ -45,6 +45,7 @@ class Agent:
         self.services: dict[tuple[str, str], Obj] = {}
         self.workers: dict[str, PodWorker] = {}
         self.used_ips: set[str] = set()
+        self.generation = 0  # bumped on every change a hosts file depends on
         self.ctx = AgentContext(
             client=self.client,
             node_name=self.node_name,
@@ -58,6 +59,7 @@ class Agent:
             backoff_base_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_BASE_S", "2")),
             backoff_cap_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_CAP_S", "60")),
             hosts_for=self.hosts_for,
+            hosts_generation=lambda: self.generation,
             gpus=GpuAllocator(gpus.detect()),
             release_ip=self.release_ip,
         )
@@ -105,6 +107,7 @@ class Agent:
         uid = pod["metadata"]["uid"]
         with self.lock:
             self.pods[uid] = pod
+            self.generation += 1
             worker = self.workers.get(uid)
         if worker is not None and not worker.finished.is_set():
             worker.update(pod)
@@ -121,12 +124,14 @@ class Agent:
         worker = PodWorker(self.ctx, pod, address)
         with self.lock:
             self.workers[uid] = worker
+            self.generation += 1
         _log(f"starting pod {meta['namespace']}/{meta['name']} at {address}")
         worker.start()
 
     def on_pod_gone(self, uid: str) -> None:
         with self.lock:
             self.pods.pop(uid, None)
+            self.generation += 1
             worker = self.workers.get(uid)
         if worker is not None:
             worker.mark_gone()
@@ -185,6 +190,7 @@ class Agent:
         listing = self.client.get("/api/v1/services")
         with self.lock:
             self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in listing["items"]}
+            self.generation += 1
         for kind, obj in self.client.watch(
             "/api/v1/services", listing["metadata"]["resourceVersion"], timeout_s=WATCH_S
         ):
@@ -198,6 +204,7 @@ class Agent:
                     self.services.pop(key, None)
                 elif kind in ("ADDED", "MODIFIED"):
                     self.services[key] = obj
+                self.generation += 1
 
     def heartbeat(self) -> None:
         try:

@@ -56,6 +56,7 @@ class AgentContext:
     backoff_base_s: float
     backoff_cap_s: float
     hosts_for: Callable[[Obj], str]
+    hosts_generation: Callable[[], int]
     release_ip: Callable[[str], None]
     gpus: GpuAllocator
 
@@ -124,6 +125,7 @@ class PodWorker(threading.Thread):
         self.published: Obj = {}
         self.next_full_sync = 0.0
         self.hosts_text = ""
+        self.hosts_generation = -1
         self.lock = threading.Lock()
 
     # -- called by the agent ------------------------------------------------------------------------
@@ -212,6 +214,10 @@ class PodWorker(threading.Thread):
                 c.state = {"waiting": {"reason": "ContainerCreating", "message": str(e)}}
 
     def _write_hosts(self, pod: Obj) -> None:
+        generation = self.ctx.hosts_generation()
+        if generation == self.hosts_generation:
+            return  # nothing it depends on changed
+        self.hosts_generation = generation
         text = self.ctx.hosts_for({**pod, "status": {**pod.get("status", {}), "podIP": self.pod_ip}})
         if self.host_network:  # the node's own names too, as a hostNetwork pod sees them on a real node
             text += "# the node's /etc/hosts\n" + Path("/etc/hosts").read_text(errors="replace")
