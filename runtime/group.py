@@ -284,13 +284,16 @@ class SyncGroup:
         while self.keys.add("abort/seen", 0) < len(readers) and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def run_guarded(self, what: str, body: Callable[[], Any]) -> Any:
-        """Run one sync's body; any failure breaks the group (until the next epoch) and names the dead."""
+    def run_guarded(self, what: str, body: Callable[[], Any],
+                    passthrough: tuple[type[BaseException], ...] = ()) -> Any:
+        """Run one sync's body; any failure breaks the group (until the next epoch) and names the dead.
+
+        A config mismatch and the `passthrough` exceptions leave the group as it is."""
         try:
             return body()
-        except ConfigMismatchError:
-            raise
         except BaseException as err:
+            if isinstance(err, (ConfigMismatchError, *passthrough)):
+                raise
             named = self.name_the_dead(err, what)
             self._fail(named)
             if named is err:

@@ -1,7 +1,9 @@
 """The in-band manifest: everything a receiver needs to know about a sync, as JSON (never pickle).
 
 The trainer publishes one per sync through the rendezvous store; receivers rebuild the packing plan from it,
-check it against their own configuration and destinations, and only then does any data move.
+check it against their own configuration and destinations, and only then does any data move. The tensor
+list (tens of thousands of entries for a large MoE) is sent once per tensor set and epoch; later syncs of the
+same set carry only its signature, so the per-sync cost does not grow with the number of tensors.
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ class TransferConfig:
     num_buffers: int
     checksums: bool
 
-    def digest(self) -> str:
-        doc = [self.protocol, self.packed, self.buffer_bytes, self.num_buffers, self.checksums]
-        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
-
     def differences(self, other: TransferConfig) -> list[str]:
-        """Human-readable differences, `name: mine != theirs`, empty when they agree."""
+        """Human-readable differences, `name: trainer has X, this member has Y`, empty when they agree."""
         out = []
         for name in ("protocol", "packed", "buffer_bytes", "num_buffers", "checksums"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: trainer has {theirs!r}, this member has {mine!r}")
         return out
+
+
+def _plan_for(tensors: tuple[TensorSpec, ...], config: TransferConfig, direct_threshold: int) -> Plan:
+    if config.packed:
+        return make_plan(list(tensors), config.buffer_bytes, direct_threshold)
+    return make_plan(list(tensors), 1 << 62, 1)  # unpacked: every tensor on its own
 
 
 @dataclass(frozen=True)
@@ -46,23 +50,21 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     direct_threshold: int
     plan_digest: str
+    signature: str  # identifies the tensor set and its plan, whatever the version
     checksums: tuple[int, ...] = field(default=())
 
     def plan(self) -> Plan:
-        return make_plan(list(self.tensors), self.config.buffer_bytes if self.config.packed else 1 << 62,
-                         self.direct_threshold if self.config.packed else 1)
+        return _plan_for(self.tensors, self.config, self.direct_threshold)
 
-    def signature(self) -> str:
-        """Identifies the tensor set and plan, independent of the version: the key of cached views."""
-        return hashlib.sha256(
-            json.dumps([[t.name, t.dtype, list(t.shape)] for t in self.tensors]).encode()
-            + self.plan_digest.encode()
-        ).hexdigest()[:16]
+    def with_version(self, version: int, checksums: tuple[int, ...]) -> Manifest:
+        return Manifest(version, self.config, self.tensors, self.direct_threshold, self.plan_digest, self.signature,
+                        checksums)
 
-    def to_json(self) -> bytes:
-        doc = {
+    def to_json(self, include_tensors: bool = True) -> bytes:
+        doc: dict[str, object] = {
             "format": MANIFEST_FORMAT,
             "version": self.version,
+            "signature": self.signature,
             "config": {
                 "protocol": self.config.protocol,
                 "packed": self.config.packed,
@@ -72,28 +74,41 @@ class Manifest:
             },
             "direct_threshold": self.direct_threshold,
             "plan_digest": self.plan_digest,
-            "tensors": [[t.name, t.dtype, list(t.shape), t.itemsize] for t in self.tensors],
             "checksums": list(self.checksums),
         }
+        if include_tensors:
+            doc["tensors"] = [[t.name, t.dtype, list(t.shape), t.itemsize] for t in self.tensors]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
+    def from_json(cls, raw: bytes, known: dict[str, Manifest] | None = None) -> Manifest:
+        """Parse a manifest; a compact one (no tensor list) takes its tensors from `known`, by signature."""
         doc = json.loads(raw)
         if doc.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {doc.get('format')!r}, expected {MANIFEST_FORMAT}")
+        signature = str(doc["signature"])
+        if "tensors" in doc:
+            tensors = tuple(TensorSpec(n, d, tuple(s), i) for n, d, s, i in doc["tensors"])
+        elif known is not None and signature in known:
+            tensors = known[signature].tensors
+        else:
+            raise ValueError(f"the manifest refers to tensor set {signature}, which this member never received")
         return cls(
             version=int(doc["version"]),
             config=TransferConfig(**doc["config"]),
-            tensors=tuple(TensorSpec(n, d, tuple(s), i) for n, d, s, i in doc["tensors"]),
+            tensors=tensors,
             direct_threshold=int(doc["direct_threshold"]),
             plan_digest=str(doc["plan_digest"]),
+            signature=signature,
             checksums=tuple(int(c) for c in doc["checksums"]),
         )
 
 
 def build_manifest(version: int, config: TransferConfig, tensors: list[TensorSpec], direct_threshold: int,
                    checksums: tuple[int, ...] = ()) -> tuple[Manifest, Plan]:
-    draft = Manifest(version, config, tuple(tensors), direct_threshold, "", checksums)
-    plan = draft.plan()
-    return Manifest(version, config, tuple(tensors), direct_threshold, plan_digest(plan), checksums), plan
+    specs = tuple(tensors)
+    plan = _plan_for(specs, config, direct_threshold)
+    digest = plan_digest(plan)
+    signature = hashlib.sha256(
+        json.dumps([[t.name, t.dtype, list(t.shape)] for t in specs]).encode() + digest.encode()).hexdigest()[:16]
+    return Manifest(version, config, specs, direct_threshold, digest, signature, checksums), plan

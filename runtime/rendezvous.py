@@ -8,6 +8,7 @@ counters so that a member that died is named instead of being waited for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -96,23 +97,33 @@ class KeyStore:
     def add(self, key: str, amount: int) -> int:
         return int(_reaching_trainer(lambda: self.store.add(key, amount)))
 
-    def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None]) -> None:
-        """Wait until every key exists; `on_poll` runs between polls and may raise.
+    def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None], prompt: bool = True) -> None:
+        """Wait until every key exists; `on_poll` runs between waits and may raise.
 
-        Polls with `check` rather than the store's blocking wait: a blocking wait cannot be interrupted
-        when a peer dies, and short blocking waits flood the log with c10d time-out warnings.
+        `prompt` waits are those inside a sync, where the keys are due within milliseconds: they block in
+        the store (woken the moment the keys appear) in slices of at most a second, checking liveness in
+        between. Other waits (an idle receiver waiting for the next sync, possibly for minutes) poll with
+        `check` instead, because each blocking wait that runs out logs a c10d time-out warning.
         """
         pending = list(keys)
-        pause = 0.001
+        pause = 0.0002
+        idle_since = time.monotonic()
         while pending:
             pending = [k for k in pending if not self.has(k)]
             if not pending:
                 return
             on_poll()
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise TimeoutError(", ".join(pending))
+            if prompt:
+                # A slice that runs out, or a store that is gone, raises here: the next has() tells which.
+                with contextlib.suppress(RuntimeError, OSError):
+                    self.store.wait(pending, timedelta(seconds=max(min(deadline - now, 1.0), 0.01)))
+                continue
             time.sleep(pause)
-            pause = min(pause * 2, _POLL_SECONDS)
+            # Stay quick for the first second (a sync is usually about to start), then back off.
+            pause = min(pause * 2, 0.001 if now - idle_since < 1.0 else _POLL_SECONDS)
 
 
 @dataclass

@@ -41,48 +41,64 @@ class WeightSender:
             report_to_pod = PodAnnotator.available()
         self._annotator = PodAnnotator(env.namespace, f"{env.name}-trainer-0") if report_to_pod else None
         self.last_report: SyncReport | None = None
+        #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
+        self.last_timings: dict[str, float] = {}
+        self._announced: tuple[int | None, str] | None = None
+        self._layout_cache: tuple[list[str], list[tuple[torch.dtype, torch.Size]], tuple[TensorSpec, ...]] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightSender:
         return cls(MemberEnv.from_env(environ), **kwargs)
 
     def _manifest(self, specs: tuple[TensorSpec, ...], version: int, sums: tuple[int, ...]) -> tuple[Manifest, Plan]:
-        if self._cached is not None and self._cached[0] == specs:
+        if self._cached is not None and self._cached[0] is specs:
             _, cached, plan = self._cached
-            manifest = Manifest(version, cached.config, cached.tensors, cached.direct_threshold,
-                                cached.plan_digest, sums)
-            return manifest, plan
+            return cached.with_version(version, sums), plan
         manifest, plan = build_manifest(version, self.group.transfer, list(specs), self.direct_threshold, sums)
         self._cached = (specs, manifest, plan)
         return manifest, plan
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
-        """Broadcast every tensor to every receiver; returns once all of them acknowledged."""
-        names: set[str] = set()
-        sources: list[torch.Tensor] = []
-        specs: list[TensorSpec] = []
-        for name, tensor in named_tensors:
-            if name in names:
-                raise ValueError(f"tensor name {name!r} appears twice in one sync")
+    def _layout(self, items: list[tuple[str, torch.Tensor]]) -> tuple[TensorSpec, ...]:
+        """The specs of `items`; rebuilt only when names, dtypes or shapes changed since the last sync, since
+        with tens of thousands of tensors the per-tensor Python work is what a sync waits for."""
+        names = [name for name, _ in items]
+        layout = [(t.dtype, t.shape) for _, t in items]
+        if self._layout_cache is not None and self._layout_cache[0] == names and self._layout_cache[1] == layout:
+            return self._layout_cache[2]
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            duplicate = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+            raise ValueError(f"tensor name {duplicate!r} appears twice in one sync")
+        for name, tensor in items:
             if tensor.is_sparse or tensor.device.type == "meta":
                 raise ValueError(f"tensor {name!r} is {tensor.layout}/{tensor.device.type}; only dense, "
                                  "materialised tensors can be sent")
-            names.add(name)
-            sources.append(tensor.detach())
-            specs.append(spec_of(name, tensor))
+        specs = tuple(spec_of(name, tensor) for name, tensor in items)
+        self._layout_cache = (names, layout, specs)
+        return specs
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
+        """Broadcast every tensor to every receiver; returns once all of them acknowledged."""
+        started = time.perf_counter()
+        items = list(named_tensors)
+        specs = self._layout(items)
+        sources = [t for _, t in items]
         group = self.group
         group.ensure_formed()
-        sums = tuple(int(checksum(t).item()) for t in sources) if self.env.checksums else ()
-        manifest, plan = self._manifest(tuple(specs), version, sums)
-        views = self.buffers.prepare(plan, specs, manifest.signature(), self.env.num_buffers, group.device)
+        with torch.no_grad():
+            sums = tuple(int(checksum(t).item()) for t in sources) if self.env.checksums else ()
+        manifest, plan = self._manifest(specs, version, sums)
+        views = self.buffers.prepare(plan, specs, manifest.signature, self.env.num_buffers, group.device)
+        # The tensor list travels once per tensor set and epoch (a re-formed group may hold new members).
+        announced = self._announced == (group.epoch, manifest.signature)
+        self._announced = (group.epoch, manifest.signature)
         seq = group.seq
         group.seq += 1
         receivers = list(range(1, group.world_size))
-        started = time.perf_counter()
         deadline = time.monotonic() + group.timeout
 
         def body() -> SyncReport:
-            group.put_raw(f"sync/{seq}/manifest", manifest.to_json())
+            group.put_raw(f"sync/{seq}/manifest", manifest.to_json(include_tensors=not announced))
             group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline, f"the manifest of v{version}")
             problems = [f"{group.describe(r)}: {p}" for r in receivers
                         for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
@@ -90,14 +106,17 @@ class WeightSender:
             if problems:
                 raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
             assert group.comm is not None
-            send_chunks(group.comm, plan, sources, views, self.buffers.buffers,
-                        group.checker(f"sync v{version}", deadline))
+            with torch.no_grad():
+                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers.buffers,
+                                              group.checker(f"sync v{version}", deadline))
             group.wait_all([f"sync/{seq}/ack/{r}" for r in receivers], deadline, f"the end of sync v{version}")
             bad = [f"{group.describe(r)}: {e}" for r in receivers for e in group.get(f"sync/{seq}/ack/{r}")["errors"]]
             group.put(f"sync/{seq}/done", {"problems": bad})
             if bad:
                 raise ChecksumError(f"sync v{version} arrived corrupted: " + "; ".join(bad))
-            assert group.comm is not None and group.epoch is not None
+            assert group.epoch is not None
+            self.last_timings = {"first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
+                                 "buffer_bytes_allocated": self.buffers.nbytes}
             return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
                                    tuple(receivers), group.comm.transport, group.epoch)
 

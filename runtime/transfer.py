@@ -7,6 +7,7 @@ tensor set and reused for every later sync.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,11 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
-                views: list[list[torch.Tensor]], buffers: list[torch.Tensor], check: Check) -> None:
+                views: list[list[torch.Tensor]], buffers: list[torch.Tensor], check: Check) -> tuple[float, float]:
+    """Returns when every chunk is on the wire and done: (first broadcast enqueued, last enqueued), as
+    perf_counter() values, to measure time to first byte and the host's own overhead."""
     comm.start()
+    first = 0.0
     free_after: list[Fence | None] = [None] * len(buffers)
     packed_index = 0
     for chunk, chunk_views in zip(plan.chunks, views, strict=True):
@@ -122,6 +126,7 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
                     source = source.to(comm.device).contiguous()
                 comm.comm_wait(comm.compute_fence())
             comm.broadcast(as_bytes(source), TRAINER_RANK)
+            first = first or time.perf_counter()
             continue
         b = packed_index % len(buffers)
         packed_index += 1
@@ -130,8 +135,11 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
             torch._foreach_copy_(chunk_views, [sources[s.index] for s in chunk.slots])
         comm.comm_wait(comm.compute_fence())
         comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        first = first or time.perf_counter()
         free_after[b] = comm.comm_fence()
+    enqueued = time.perf_counter()
     comm.finish(check)
+    return first or enqueued, enqueued
 
 
 def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
