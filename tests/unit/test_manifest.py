@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from weightsync.runtime.manifest import Manifest, TransferConfig, build_manifest
 from weightsync.runtime.plan import TensorSpec
 
