@@ -205,10 +205,11 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
         if rank == 0:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def measure(label: str, fn: Any, total: int) -> dict[str, Any]:
+    def measure(label: str, fn: Any, total: int, persistent: Any = lambda: 0) -> dict[str, Any]:
+        """`persistent()`: bytes a method keeps allocated between syncs (its buffers), added to the peak."""
         runs = [timer.run(fn) for _ in range(iters + 1)][1:]  # the first run warms up
         secs = [r[0] for r in runs]
-        overhead = torch.tensor([max(r[2] for r in runs)], device=device)
+        overhead = torch.tensor([max(r[2] for r in runs) + persistent()], device=device)
         if rank == 0:
             overhead.zero_()  # receivers' overhead only
         dist.all_reduce(overhead, op=dist.ReduceOp.MAX)
@@ -257,7 +258,8 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
                     endpoint.receive(into=params)
                     return 0.0
 
-            row = measure(label, fn, total)
+            row = measure(label, fn, total,
+                          persistent=lambda endpoint=endpoint: 0 if rank == 0 else endpoint.buffers.nbytes)
             row["config"] = cfg
             if rank == 0:
                 row["host_enqueue_ms"] = 1e3 * statistics.median(t["enqueue_seconds"] for t in timings[1:])
@@ -271,6 +273,8 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
             row["bit_exact"] = int(mismatches.item()) == 0
             log(f"    bit-exact on every receiver: {row['bit_exact']}")
             endpoint.close()
+            del endpoint, fn
+            torch.cuda.empty_cache()
             rows[f"weightsync[{i}]"] = row
         raw = rows["raw_flat_broadcast"]["gbps"]
         for row in rows.values():

@@ -15,7 +15,7 @@ from weightsync.runtime.manifest import Manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.rendezvous import KeyStore
 from weightsync.runtime.report import SyncReport
-from weightsync.runtime.transfer import Buffers, ChecksumAccumulator, Loader, receive_chunks, spec_of
+from weightsync.runtime.transfer import Buffers, ChecksumAccumulator, Loader, gc_paused, receive_chunks, spec_of
 
 from weightsync.contract import MemberEnv
 
@@ -118,6 +118,11 @@ class WeightReceiver:
         """
         if (loader is None) == (into is None):
             raise ValueError("pass exactly one of `loader` or `into`")
+        with gc_paused():
+            return self._receive(loader, into, timeout)
+
+    def _receive(self, loader: Loader | None, into: Mapping[str, torch.Tensor] | None,
+                 timeout: float | None) -> SyncReport:
         group = self.group
         seq, manifest = self._wait_for_manifest(timeout)
         group.seq += 1
@@ -166,7 +171,9 @@ class WeightReceiver:
         return report
 
     def close(self) -> None:
+        """Leave the group and free the packing buffers."""
         self.group.close()
+        self.buffers = Buffers()
 
     def __enter__(self) -> WeightReceiver:
         return self

@@ -13,7 +13,7 @@ from weightsync.runtime.group import SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
-from weightsync.runtime.transfer import Buffers, checksum, send_chunks, spec_of
+from weightsync.runtime.transfer import Buffers, checksum, gc_paused, send_chunks, spec_of
 
 from weightsync.contract import MemberEnv
 
@@ -44,7 +44,7 @@ class WeightSender:
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
         self._announced: tuple[int | None, str] | None = None
-        self._layout_cache: tuple[list[str], list[tuple[torch.dtype, torch.Size]], tuple[TensorSpec, ...]] | None = None
+        self._layout_cache: tuple[list[str], list[torch.Size | torch.dtype], tuple[TensorSpec, ...]] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightSender:
@@ -62,7 +62,7 @@ class WeightSender:
         """The specs of `items`; rebuilt only when names, dtypes or shapes changed since the last sync, since
         with tens of thousands of tensors the per-tensor Python work is what a sync waits for."""
         names = [name for name, _ in items]
-        layout = [(t.dtype, t.shape) for _, t in items]
+        layout = [t.shape for _, t in items] + [t.dtype for _, t in items]  # flat lists compare fastest
         if self._layout_cache is not None and self._layout_cache[0] == names and self._layout_cache[1] == layout:
             return self._layout_cache[2]
         if len(set(names)) != len(names):
@@ -79,6 +79,10 @@ class WeightSender:
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
         """Broadcast every tensor to every receiver; returns once all of them acknowledged."""
+        with gc_paused():
+            return self._send(named_tensors, version)
+
+    def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
         started = time.perf_counter()
         items = list(named_tensors)
         specs = self._layout(items)
@@ -128,7 +132,9 @@ class WeightSender:
         return report
 
     def close(self) -> None:
+        """Leave the group and free the packing buffers."""
         self.group.close()
+        self.buffers = Buffers()
 
     def __enter__(self) -> WeightSender:
         return self
