@@ -54,7 +54,7 @@ def start(
     argv: list[str],
     env: Mapping[str, str],
     mounts: list[dict[str, Any]],
-    hostname: str,
+    hostname: str | None,
     working_dir: str | None,
     log_file: Path,
 ) -> Process:
