@@ -136,6 +136,7 @@ class NcclCommunicator:
         self.comm_stream = _new_stream(device)
         self.compute_stream = _new_stream(device)
         self._keep: list[torch.Tensor] = []  # tensors in flight on the comm stream, until finish()
+        self._depth = 0
         uid = _UniqueId()
         ctypes.memmove(uid.internal, unique_id, NCCL_UNIQUE_ID_BYTES)
         config = _Config(ctypes.sizeof(_Config), _API_MAGIC, _CONFIG_VERSION, 0, _UNDEF_INT, _UNDEF_INT,
@@ -149,6 +150,10 @@ class NcclCommunicator:
         except BaseException:
             self.abort()
             raise
+
+    def _group_depth(self) -> int:
+        """Inside ncclGroupStart/End a non-blocking call reports in-progress until the group ends."""
+        return self._depth
 
     def _async_state(self) -> int:
         state = ctypes.c_int()
@@ -177,7 +182,7 @@ class NcclCommunicator:
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size(), _UINT8, root,
             self.comm, self.comm_stream.cuda_stream)
         self.nccl.check(code, "ncclBroadcast", self.comm)
-        if code == _IN_PROGRESS:
+        if code == _IN_PROGRESS and self._group_depth() == 0:
             self._settle("ncclBroadcast", lambda: None)
 
     def comm_fence(self) -> Fence:
@@ -208,6 +213,19 @@ class NcclCommunicator:
     def compute_lane(self) -> Iterator[None]:
         with torch.cuda.stream(self.compute_stream):
             yield
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Broadcasts issued inside are launched together (an NCCL group): one launch for many tensors."""
+        self.nccl.check(self.nccl.lib.ncclGroupStart(), "ncclGroupStart", self.comm)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            code = self.nccl.check(self.nccl.lib.ncclGroupEnd(), "ncclGroupEnd", self.comm)
+            if code == _IN_PROGRESS:
+                self._settle("ncclGroupEnd", lambda: None)
 
     def finish(self, check: Check) -> None:
         def check_and_poll_nccl() -> None:

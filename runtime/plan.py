@@ -115,3 +115,19 @@ def plan_digest(plan: Plan) -> str:
     doc = [plan.buffer_bytes, plan.direct_threshold, [[c.kind, c.nbytes, [[s.index, s.offset, s.nbytes]
            for s in c.slots]] for c in plan.chunks]]
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+#: Direct tensors broadcast back to back are launched together (one NCCL group), at most this many at once.
+MAX_DIRECT_BATCH = 128
+
+
+def segments(plan: Plan, max_direct_batch: int = MAX_DIRECT_BATCH) -> list[tuple[str, list[int]]]:
+    """The plan's chunks as the data path walks them: ("packed", [i]) for a packed chunk, ("direct", [i, ...])
+    for a run of consecutive direct chunks, launched as one batch."""
+    out: list[tuple[str, list[int]]] = []
+    for i, chunk in enumerate(plan.chunks):
+        if chunk.kind == "direct" and out and out[-1][0] == "direct" and len(out[-1][1]) < max_direct_batch:
+            out[-1][1].append(i)
+        else:
+            out.append((chunk.kind, [i]))
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from weightsync.runtime.comm import Check, Communicator, Fence
-from weightsync.runtime.plan import Plan, TensorSpec
+from weightsync.runtime.plan import Plan, TensorSpec, segments
 
 TRAINER_RANK = 0
 
@@ -133,21 +133,28 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
     first = 0.0
     free_after: list[Fence | None] = [None] * len(buffers)
     packed_index = 0
-    for chunk, chunk_views in zip(plan.chunks, views, strict=True):
-        if chunk.kind == "direct":
-            source = sources[chunk.slots[0].index]
-            if not source.is_contiguous() or source.device != comm.device:
-                with comm.compute_lane():
-                    source = source.to(comm.device).contiguous()
-                comm.comm_wait(comm.compute_fence())
-            comm.broadcast(as_bytes(source), TRAINER_RANK)
+    for kind, chunk_indices in segments_of(plan):
+        if kind == "direct":
+            staged = []
+            for ci in chunk_indices:
+                source = sources[plan.chunks[ci].slots[0].index]
+                if not source.is_contiguous() or source.device != comm.device:
+                    with comm.compute_lane():
+                        source = source.to(comm.device).contiguous()
+                    comm.comm_wait(comm.compute_fence())
+                staged.append(source)
+            with comm.batch():
+                for source in staged:
+                    comm.broadcast(as_bytes(source), TRAINER_RANK)
             first = first or time.perf_counter()
             continue
+        ci = chunk_indices[0]
+        chunk = plan.chunks[ci]
         b = packed_index % len(buffers)
         packed_index += 1
         comm.compute_wait(free_after[b], check)
         with comm.compute_lane():
-            torch._foreach_copy_(chunk_views, [sources[s.index] for s in chunk.slots])
+            torch._foreach_copy_(views[ci], [sources[s.index] for s in chunk.slots])
         comm.comm_wait(comm.compute_fence())
         comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
@@ -163,22 +170,33 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
     comm.start()
     reusable_after: list[Fence | None] = [None] * len(buffers)
     packed_index = 0
-    for chunk, chunk_views in zip(plan.chunks, views, strict=True):
-        if chunk.kind == "direct":
-            spec = specs[chunk.slots[0].index]
-            target = destinations.get(spec.name) if destinations is not None else None
-            direct_ok = target is not None and target.is_contiguous() and target.device == comm.device
-            landing = target if direct_ok and target is not None else torch.empty(
-                spec.shape, dtype=dtype_of(spec), device=comm.device)
-            comm.broadcast(as_bytes(landing), TRAINER_RANK)
+    for kind, chunk_indices in segments_of(plan):
+        if kind == "direct":
+            # (spec index, landing tensor, the destination to copy into when it could not be the landing)
+            landings: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+            with comm.batch():
+                for ci in chunk_indices:
+                    index = plan.chunks[ci].slots[0].index
+                    spec = specs[index]
+                    target = destinations.get(spec.name) if destinations is not None else None
+                    if target is not None and target.is_contiguous() and target.device == comm.device:
+                        landings.append((index, target, None))
+                    else:
+                        landing = torch.empty(spec.shape, dtype=dtype_of(spec), device=comm.device)
+                        landings.append((index, landing, target))
+                    comm.broadcast(as_bytes(landings[-1][1]), TRAINER_RANK)
             comm.compute_wait(comm.comm_fence(), check)
             with comm.compute_lane():
-                checksums.add(chunk.slots[0].index, landing)
-                if target is not None and not direct_ok:
-                    target.copy_(landing)
-                elif loader is not None:
-                    loader([(spec.name, landing)])
+                for index, landing, target in landings:
+                    checksums.add(index, landing)
+                    if target is not None:
+                        target.copy_(landing)
+                if loader is not None:
+                    loader([(specs[index].name, landing) for index, landing, _ in landings])
             continue
+        ci = chunk_indices[0]
+        chunk = plan.chunks[ci]
+        chunk_views = views[ci]
         b = packed_index % len(buffers)
         packed_index += 1
         comm.comm_wait(reusable_after[b])
@@ -193,3 +211,16 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
                 loader([(specs[s.index].name, v) for s, v in zip(chunk.slots, chunk_views, strict=True)])
         reusable_after[b] = comm.compute_fence()
     comm.finish(check)
+
+
+_segments: dict[int, tuple[Plan, list[tuple[str, list[int]]]]] = {}
+
+
+def segments_of(plan: Plan) -> list[tuple[str, list[int]]]:
+    """`segments(plan)`, computed once per plan object (the callers keep their plans)."""
+    hit = _segments.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        if len(_segments) > 16:
+            _segments.clear()
+        hit = _segments[id(plan)] = (plan, segments(plan))
+    return hit[1]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weightsync.runtime.plan import ALIGNMENT, TensorSpec, make_plan
+from weightsync.runtime.plan import ALIGNMENT, TensorSpec, make_plan, segments
 from weightsync.runtime.transfer import Buffers, dtype_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8, torch.int16,
@@ -86,3 +88,18 @@ def test_a_tensor_larger_than_the_buffer_travels_on_its_own() -> None:
 def test_a_buffer_smaller_than_the_alignment_is_refused() -> None:
     with pytest.raises(ValueError, match="buffer_bytes must be at least 256"):
         make_plan([], 100)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=specs_strategy, buffer_bytes=st.integers(min_value=ALIGNMENT, max_value=4096),
+       threshold=st.integers(min_value=1, max_value=4096), batch=st.integers(min_value=1, max_value=5))
+def test_segments_walk_every_chunk_once_in_order_with_bounded_direct_batches(items, buffer_bytes, threshold,
+                                                                             batch) -> None:
+    plan = make_plan(to_specs(items), buffer_bytes, threshold)
+    walked = segments(plan, batch)
+    assert [i for _, run in walked for i in run] == list(range(len(plan.chunks)))
+    for kind, run in walked:
+        assert all(plan.chunks[i].kind == kind for i in run)
+        assert len(run) == 1 if kind == "packed" else 1 <= len(run) <= batch
+    for (kind_a, run_a), (kind_b, _) in itertools.pairwise(walked):
+        assert not (kind_a == kind_b == "direct") or len(run_a) == batch, "direct runs split only at the cap"
