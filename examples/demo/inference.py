@@ -41,10 +41,16 @@ from weightsync.contract import MemberEnv
 MAX_FAILURES = 5
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """The pod is being deleted: exit at once (the pod's parent forwards the signal too: ignore a second)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def run_worker(local_rank: int) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     receiver = WeightReceiver.from_env(local_rank=local_rank)
     name = f"inference {socket.gethostname()} worker {local_rank} rank {receiver.rank}"
 

@@ -21,6 +21,7 @@ import argparse
 import copy
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ RELEASE = "weightsync"
 OPERATOR_NAMESPACE = "weightsync-system"
 GROUP, VERSION, PLURAL = "weightsync.dev", "v1alpha1", "weightsyncs"
 NAME_LABEL = "weightsync.dev/name"
+DEMO_STATE_DIR = Path.home() / ".cache" / "weightsync" / "sandbox-demo"
 
 _started = time.monotonic()
 
@@ -244,12 +246,21 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def wait_namespace_not_terminating(sandbox: Any, namespace: str) -> None:
+    """A namespace still being deleted (by an earlier run) refuses new objects: wait until it is gone."""
+    phase = sandbox.kubectl("get", "namespace", namespace, "-o", "jsonpath={.status.phase}", check=False).stdout
+    if phase == "Terminating":
+        say(f"namespace {namespace} is still being deleted by an earlier run; waiting for it to go")
+        sandbox.kubectl("wait", "--for=delete", f"namespace/{namespace}", "--timeout=180s", timeout=200)
+
+
 def install_operator(sandbox: Any) -> bool:
     """helm install the chart (kept as is when the release exists); True when this run installed it."""
     exists = sandbox.helm("status", RELEASE, "-n", OPERATOR_NAMESPACE, check=False).returncode == 0
     if exists:
         say(f"operator: release {RELEASE} already installed in {OPERATOR_NAMESPACE}; using it")
         return False
+    wait_namespace_not_terminating(sandbox, OPERATOR_NAMESPACE)
     say(f"operator: helm install {RELEASE} charts/weightsync-operator -n {OPERATOR_NAMESPACE} --wait")
     started = time.monotonic()
     sandbox.helm("install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace", "--wait",
@@ -315,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the sandbox, operator and group running")
     parser.add_argument("--state-dir", type=Path, default=None,
-                        help="sandbox state directory (default $WEIGHTSYNC_SANDBOX_STATE or "
-                        "~/.cache/weightsync/sandbox-demo); a sandbox already running there is reused and kept")
+                        help="sandbox state directory (default $WEIGHTSYNC_SANDBOX_STATE, else "
+                        "~/.cache/weightsync/sandbox-demo, which the demo starts afresh and removes at the end); "
+                        "a sandbox already running there is reused and kept")
     parser.add_argument("--namespace", default="weightsync-demo", help="namespace of the demo group")
     parser.add_argument("--steps", type=int, default=8, help="training steps (syncs) to run and verify")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for the group to do them")
@@ -325,10 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import config
     from weightsync.sandbox import Sandbox
 
-    state_dir = args.state_dir or Path(os.environ.get("WEIGHTSYNC_SANDBOX_STATE")
-                                       or Path.home() / ".cache" / "weightsync" / "sandbox-demo")
+    own_state = args.state_dir is None and not os.environ.get("WEIGHTSYNC_SANDBOX_STATE")
+    state_dir = args.state_dir or Path(os.environ.get("WEIGHTSYNC_SANDBOX_STATE") or DEMO_STATE_DIR)
     sandbox = Sandbox(state_dir)
     was_running = sandbox.status().running
+    if not was_running and own_state and state_dir.exists():
+        sandbox.down()  # leftovers of an earlier run that was stopped: the demo starts from a fresh cluster
+        shutil.rmtree(state_dir)
     say(f"sandbox: {'reusing the one running in' if was_running else 'starting in'} {state_dir}")
     sandbox.up()
     say(f"sandbox: ready (export KUBECONFIG={sandbox.kubeconfig})")
@@ -337,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         installed = install_operator(sandbox)
+        wait_namespace_not_terminating(sandbox, args.namespace)
         if sandbox.kubectl("get", "namespace", args.namespace, check=False).returncode != 0:
             sandbox.kubectl("create", "namespace", args.namespace)
             created_ns = True
@@ -365,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"stop with: {sys.executable} -m weightsync.sandbox down (WEIGHTSYNC_SANDBOX_STATE={state_dir})")
         else:
             teardown(sandbox, args.namespace, name, installed, created_ns, stop_sandbox=not was_running)
+            if not was_running and own_state:
+                shutil.rmtree(state_dir, ignore_errors=True)
     return 0 if ok else 1
 
 
@@ -375,11 +393,11 @@ def teardown(sandbox: Any, namespace: str, name: str, installed: bool, created_n
     sandbox.kubectl("wait", "--for=delete", "pods", "-n", namespace, "-l", f"{NAME_LABEL}={name}", "--timeout=60s",
                     check=False)
     if created_ns:
-        sandbox.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        sandbox.kubectl("delete", "namespace", namespace, "--timeout=120s", check=False)
     if installed:
         say(f"tearing down: helm uninstall {RELEASE}")
         sandbox.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE, "--wait", "--timeout=120s", check=False)
-        sandbox.kubectl("delete", "namespace", OPERATOR_NAMESPACE, "--wait=false", check=False)
+        sandbox.kubectl("delete", "namespace", OPERATOR_NAMESPACE, "--timeout=120s", check=False)
     if stop_sandbox:
         say("tearing down: stopping the sandbox")
         sandbox.down()

@@ -81,6 +81,7 @@ def main() -> int:
     def on_sigterm(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
