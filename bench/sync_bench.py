@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from weightsync.runtime import WeightReceiver, WeightSender
+from weightsync.runtime import WeightReceiver, WeightSender, transfer
 from weightsync.runtime.nccl import NcclCommunicator, new_unique_id
 from weightsync.runtime.testing import free_port, group_envs
 from weightsync.runtime.transfer import checksum
@@ -237,7 +237,8 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
         for i, cfg in enumerate(configs):
             env = envs[i][0 if rank == 0 else rank]
             label = (f"weightsync buf={cfg['buffer_bytes'] >> 20}MiB x{cfg['num_buffers']} "
-                     f"direct>={cfg['direct'] >> 20}MiB")
+                     f"direct>={cfg['direct'] >> 20}MiB" + (" memcpy" if cfg["memcpy_min"] is not None else ""))
+            transfer.MEMCPY_MIN_BYTES = cfg["memcpy_min"]
             env = env.model_copy(update={"buffer_bytes": cfg["buffer_bytes"], "num_buffers": cfg["num_buffers"]})
             timings: list[dict[str, float]] = []
             if rank != 0:
@@ -302,8 +303,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["dense", "moe"], choices=sorted(SETS))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default="bench-results.json")
-    parser.add_argument("--configs", default="1024:2:1024,256:2:256,1024:2:64,512:3:32",
-                        help="weightsync settings to try: buffer MiB:buffers:direct-threshold MiB, comma-separated")
+    parser.add_argument("--configs", default="1024:2:1024,2048:2:2048,1024:2:1024:1,2048:2:2048:1",
+                        help="weightsync settings to try, comma-separated: buffer MiB:buffers:direct-threshold MiB"
+                             "[:memcpy-min MiB] (the last: pack tensors that large with one cudaMemcpyAsync each)")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     world = torch.cuda.device_count()
@@ -311,8 +313,9 @@ def main() -> None:
         raise SystemExit("needs at least 2 GPUs")
     configs = []
     for spec in args.configs.split(","):
-        buf, count, direct = (int(x) for x in spec.split(":"))
-        configs.append({"buffer_bytes": buf << 20, "num_buffers": count, "direct": direct << 20})
+        buf, count, direct, *memcpy = (int(x) for x in spec.split(":"))
+        configs.append({"buffer_bytes": buf << 20, "num_buffers": count, "direct": direct << 20,
+                        "memcpy_min": memcpy[0] << 20 if memcpy else None})
     envs = [group_envs(world - 1, 1, backend="nccl", timeout=300, port=free_port()) for _ in configs]
     mp.spawn(member, args=(world, free_port(), envs, args.sets, args.iters, configs, args.out), nprocs=world)
 

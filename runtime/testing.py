@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -26,9 +27,18 @@ MIXED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3f
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and outside Linux's ephemeral range (32768-60999): the store binds it only
+    later, in another process, and meanwhile NCCL and gloo open many ephemeral sockets that could take it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def group_envs(replicas: int, workers_per_replica: int, *, backend: str = "gloo", port: int | None = None,

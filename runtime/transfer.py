@@ -125,6 +125,27 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+#: Tensors of at least this many bytes are packed and unpacked with one copy each (cudaMemcpyAsync) instead
+#: of the multi-tensor copy kernel; None: every tensor goes through the multi-tensor kernel. A knob for the
+#: benchmark's sweep (bench/sync_bench.py), not a setting of the env contract.
+MEMCPY_MIN_BYTES: int | None = None
+
+
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if MEMCPY_MIN_BYTES is None:
+        torch._foreach_copy_(destinations, sources)
+        return
+    small_d, small_s = [], []
+    for d, s in zip(destinations, sources, strict=True):
+        if d.numel() * d.element_size() >= MEMCPY_MIN_BYTES:
+            d.copy_(s)
+        else:
+            small_d.append(d)
+            small_s.append(s)
+    if small_d:
+        torch._foreach_copy_(small_d, small_s)
+
+
 def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
                 views: list[list[torch.Tensor]], buffers: list[torch.Tensor], check: Check) -> tuple[float, float]:
     """Returns when every chunk is on the wire and done: (first broadcast enqueued, last enqueued), as
@@ -154,7 +175,7 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
         packed_index += 1
         comm.compute_wait(free_after[b], check)
         with comm.compute_lane():
-            torch._foreach_copy_(views[ci], [sources[s.index] for s in chunk.slots])
+            _copy_all(views[ci], [sources[s.index] for s in chunk.slots])
         comm.comm_wait(comm.compute_fence())
         comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
@@ -206,7 +227,7 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
             for slot, view in zip(chunk.slots, chunk_views, strict=True):
                 checksums.add(slot.index, view)
             if destinations is not None:
-                torch._foreach_copy_([destinations[specs[s.index].name] for s in chunk.slots], chunk_views)
+                _copy_all([destinations[specs[s.index].name] for s in chunk.slots], chunk_views)
             elif loader is not None:
                 loader([(specs[s.index].name, v) for s, v in zip(chunk.slots, chunk_views, strict=True)])
         reusable_after[b] = comm.compute_fence()
