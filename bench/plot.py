@@ -13,7 +13,7 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display here
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 LABELS = {"raw_flat_broadcast": "raw flat broadcast", "per_tensor_broadcast": "per-tensor broadcast",
           "vllm_style_packed": "vLLM-style packed"}
