@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("results", nargs="+")
     parser.add_argument("-o", "--out", default="bench.png")
     args = parser.parse_args()
-    runs = [json.load(open(path)) for path in args.results]
+    runs = [json.loads(Path(path).read_text()) for path in args.results]
     panels = [(run, name) for run in runs for name in run["sets"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     for ax, (run, name) in zip(axes[0], panels, strict=True):
