@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from weightsync.runtime.errors import (
 )
 from weightsync.runtime.manifest import TransferConfig
 from weightsync.runtime.rendezvous import TRAINER_RANK, KeyStore, Liveness, connect_store, key_prefix
+from weightsync.runtime.transfer import Buffers
 
 from weightsync.contract import MemberEnv
 
@@ -310,3 +311,21 @@ class SyncGroup:
     def close(self) -> None:
         self.teardown()
         self._host_store = None
+
+
+class GroupMember:
+    """What the sender and the receiver share: one group, its packing buffers, and leaving both."""
+
+    group: SyncGroup
+    buffers: Buffers
+
+    def close(self) -> None:
+        """Leave the group and free the packing buffers."""
+        self.group.close()
+        self.buffers = Buffers()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

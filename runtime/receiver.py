@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from weightsync.runtime.comm import Check
 from weightsync.runtime.errors import ChecksumError, ConfigMismatchError, WeightSyncError
-from weightsync.runtime.group import SyncGroup
+from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.rendezvous import KeyStore
@@ -27,7 +27,7 @@ class _EpochMoved(Exception):
     """The operator published a new epoch while this receiver waited: form the group again."""
 
 
-class WeightReceiver:
+class WeightReceiver(GroupMember):
     """One inference worker (rank = the pod's rank offset + `local_rank`)."""
 
     def __init__(self, env: MemberEnv, *, local_rank: int = 0, device: torch.device | str | None = None,
@@ -169,15 +169,4 @@ class WeightReceiver:
         log.info(report.summary())
         self.last_report = report
         return report
-
-    def close(self) -> None:
-        """Leave the group and free the packing buffers."""
-        self.group.close()
-        self.buffers = Buffers()
-
-    def __enter__(self) -> WeightReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from weightsync.runtime.errors import ChecksumError, ConfigMismatchError
-from weightsync.runtime.group import SyncGroup
+from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.plan import Plan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
@@ -20,7 +20,7 @@ from weightsync.contract import MemberEnv
 log = logging.getLogger("weightsync.runtime")
 
 
-class WeightSender:
+class WeightSender(GroupMember):
     """Rank 0 of a sync group: broadcasts named tensors to every inference worker.
 
     `direct_threshold`: tensors of at least this many bytes skip the packing buffers and go straight from
@@ -130,14 +130,3 @@ class WeightSender:
         if self._annotator is not None:
             self._annotator.post(report)
         return report
-
-    def close(self) -> None:
-        """Leave the group and free the packing buffers."""
-        self.group.close()
-        self.buffers = Buffers()
-
-    def __enter__(self) -> WeightSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
