@@ -41,8 +41,16 @@ from weightsync.contract import MemberEnv
 MAX_FAILURES = 5
 
 
+_stopping = False
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """The pod is being deleted: exit at once (the pod's parent forwards the signal too: ignore a second)."""
+    """The pod is being deleted: exit at once (the pod's parent forwards the signal too: ignore a second).
+
+    The SystemExit may surface as another exception (a receive interrupted while a peer is also going
+    away fails as PeerLostError), so the receive loop checks `_stopping` too."""
+    global _stopping
+    _stopping = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(0)
 
@@ -72,6 +80,8 @@ def run_worker(local_rank: int) -> int:
         try:
             report = receiver.receive(into=state) if style == "into" else receiver.receive(load_weights)
         except (PeerLostError, RendezvousError) as err:
+            if _stopping:
+                return 0
             failures += 1
             log(f"receive failed ({failures}/{MAX_FAILURES}): {err}")
             if failures >= MAX_FAILURES:
@@ -79,6 +89,8 @@ def run_worker(local_rank: int) -> int:
             log("waiting for the operator's next epoch to re-form the group")
             continue
         except WeightSyncError as err:
+            if _stopping:
+                return 0
             log(f"giving up: {err}")
             return 1
         failures = 0

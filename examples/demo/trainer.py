@@ -46,12 +46,26 @@ def log(message: str) -> None:
     print(f"[trainer {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+_stopping = False
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """The pod is being deleted: exit at once. The SystemExit may surface as another exception (a send
+    interrupted while a peer is also going away fails as PeerLostError), so `sync` checks `_stopping` too."""
+    global _stopping
+    _stopping = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(0)
+
+
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
     """Send the model's state as `version`, re-trying (at the operator's next epoch) when a member is lost."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             return sender.send(model.state_dict().items(), version=version)
         except (PeerLostError, RendezvousError) as err:
+            if _stopping:
+                raise SystemExit(0) from None
             log(f"sync v={version} failed (attempt {attempt}/{MAX_ATTEMPTS}): {err}")
             if attempt < MAX_ATTEMPTS:
                 log("waiting for the operator's next epoch to re-form the group")
@@ -76,14 +90,6 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
-    stop = False
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(0)
-
     signal.signal(signal.SIGTERM, on_sigterm)
 
     seed = args.seed if args.seed is not None else zlib.crc32(f"{socket.gethostname()}-{time.time_ns()}".encode())
@@ -106,7 +112,7 @@ def main() -> int:
             log(report_line(report, model, loss))
             time.sleep(args.interval)
         log(f"training done after {step} steps; holding v={step} and re-sending it whenever the group re-forms")
-        while not stop:
+        while not _stopping:
             epoch = env.current_epoch()
             if epoch != last_epoch:
                 report = sync(sender, model, step)
