@@ -200,6 +200,11 @@ class GroupWatcher:
             (verdict.matched if ok else verdict.mismatched).append(x)
         return list(by_key.values())
 
+    def joined(self, epoch: int) -> set[int]:
+        """The ranks whose runtime logged joining the group at `epoch`."""
+        pattern = re.compile(rf"rank (\d+) joined the sync group at epoch {epoch}\b")
+        return {int(r) for _, text in self.logs.values() for r in pattern.findall(text)}
+
     def mismatches(self) -> list[Loaded]:
         return [x for v in self.verdicts() for x in v.mismatched]
 
@@ -284,6 +289,7 @@ def follow(watcher: GroupWatcher, steps: int, timeout: float) -> None:
     shown_status: tuple[Any, ...] = ()
     shown_sent: set[tuple[int, int]] = set()
     shown_verified: set[tuple[int, int]] = set()
+    shown_joined: tuple[int, int] = (-1, 0)
     while True:
         st = watcher.status()
         now = (st.get("phase"), st.get("ready"), st.get("epoch"))
@@ -291,6 +297,11 @@ def follow(watcher: GroupWatcher, steps: int, timeout: float) -> None:
             say(f"ws/{watcher.name}: phase {now[0]}, {now[1]} members ready, epoch {now[2]}")
             shown_status = now
         watcher.refresh()
+        if st.get("epoch") is not None and st.get("worldSize"):
+            joined = (st["epoch"], len(watcher.joined(st["epoch"])))
+            if joined != shown_joined and joined[1]:
+                say(f"sync group: {joined[1]}/{st['worldSize']} ranks joined at epoch {joined[0]}")
+                shown_joined = joined
         verdicts = watcher.verdicts()
         for v in verdicts:
             s = v.sent
