@@ -49,10 +49,11 @@ RECOVER_S = 240.0
 GONE_S = 120.0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator_release(sandbox: Sandbox) -> Iterator[str]:
     """The operator chart installed as the demo installs it (release `weightsync` in weightsync-system);
-    reused when it is there already."""
+    reused when it is there already. Module-scoped: an operator watching every namespace must be gone
+    before other tiers run their own operators in the same session."""
     existed = sandbox.helm("status", run_demo.RELEASE, "-n", run_demo.OPERATOR_NAMESPACE, check=False).returncode == 0
     if not existed:
         sandbox.helm("install", run_demo.RELEASE, str(run_demo.CHART), "-n", run_demo.OPERATOR_NAMESPACE,
@@ -62,6 +63,8 @@ def operator_release(sandbox: Sandbox) -> Iterator[str]:
     if not existed:
         sandbox.helm("uninstall", run_demo.RELEASE, "-n", run_demo.OPERATOR_NAMESPACE, "--wait", "--timeout=120s",
                      check=False)
+        sandbox.kubectl("wait", "--for=delete", "pods", "-n", run_demo.OPERATOR_NAMESPACE, "-l",
+                        f"app.kubernetes.io/instance={run_demo.RELEASE}", "--timeout=120s", check=False)
 
 
 # ------------------------------------------------------------------------------------------------ processes
