@@ -267,7 +267,9 @@ class SyncGroup:
             ranks = list(getattr(err, "ranks", ()) or getattr(err, "missing_ranks", ()))
             try:
                 if not self.keys.has("abort"):
-                    self.put("abort", {"by": self.rank, "reason": str(err), "ranks": ranks})
+                    reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
+                              else str(err) or type(err).__name__)
+                    self.put("abort", {"by": self.rank, "reason": reason, "ranks": ranks or [self.rank]})
                     if self.is_trainer:
                         self._linger_for_abort_readers(ranks)
             except Exception:
@@ -292,6 +294,9 @@ class SyncGroup:
         A config mismatch and the `passthrough` exceptions leave the group as it is."""
         try:
             return body()
+        except (KeyboardInterrupt, SystemExit) as err:
+            self._fail(err)  # the process is leaving (a pod's SIGTERM): tell the others, then let it go
+            raise
         except BaseException as err:
             if isinstance(err, (ConfigMismatchError, *passthrough)):
                 raise

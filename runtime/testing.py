@@ -12,6 +12,7 @@ import random
 import secrets
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -142,12 +143,14 @@ def run_trainer(env: MemberEnv, versions: int, count: int, large_numel: int, res
 
 def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, results: Queue[Any],
                  device: str = "cpu", count: int = 0, large_numel: int = 0, pause_in_loader: float = 0.0,
-                 signals: Queue[Any] | None = None) -> None:
+                 signals: Queue[Any] | None = None, exit_on_sigterm: bool = False) -> None:
     """Receive `versions` syncs. With `signals`, announce the first batch there; `pause_in_loader` seconds
     are spent in the loader for every batch (the test kills this process or another one meanwhile)."""
     from weightsync.runtime import WeightReceiver
 
     rank = env.rank_offset + local_rank
+    if exit_on_sigterm:  # as an engine in a pod would: SIGTERM means leave now
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _begin()
     try:
         with WeightReceiver(env, local_rank=local_rank, device=device) as receiver:

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -193,11 +193,19 @@ def _describe(err: ValidationError) -> str:
     return "invalid weightsync environment: " + "; ".join(problems)
 
 
+def _describe_type(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    if get_origin(annotation) is tuple:
+        return "comma-separated list"
+    return str(getattr(annotation, "__name__", annotation))
+
+
 def markdown_table() -> str:
     """The env contract as a Markdown table, generated for docs/."""
     rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for name, field in MemberEnv.model_fields.items():
         default = "required" if field.is_required() else f"`{field.default!r}`"
-        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        kind = _describe_type(field.annotation)
         rows.append(f"| `{env_name(name)}` | {kind} | {default} | {field.description} |")
     return "\n".join(rows) + "\n"

@@ -71,3 +71,38 @@ def test_a_member_that_never_arrives_is_named_within_the_timeout(absent: int) ->
         assert f"rank {absent}" in res["message"], res["message"]
         assert absent in res["ranks"]
         assert res["at"] - res["began"] <= timeout + SLACK
+
+
+def test_a_member_told_to_stop_while_waiting_leaves_at_once_and_is_named_to_the_others() -> None:
+    import multiprocessing as mp
+    import os
+    import signal
+
+    from weightsync.runtime.testing import run_receiver, run_trainer_on_command
+
+    ctx = mp.get_context("spawn")
+    results, commands = ctx.Queue(), ctx.Queue()
+    envs = group_envs(replicas=1, workers_per_replica=1, timeout=TIMEOUT)
+    trainer = ctx.Process(target=run_trainer_on_command, args=(envs[0], 10, commands, results))
+    receiver = ctx.Process(target=run_receiver, args=(envs[1], 0, 2, "loader", results),
+                           kwargs={"count": 10, "exit_on_sigterm": True})
+    trainer.start()
+    receiver.start()
+    try:
+        commands.put(0)
+        assert "error" not in results.get(timeout=60)
+        # The receiver now waits for v1; the pod is deleted: SIGTERM.
+        os.kill(receiver.pid, signal.SIGTERM)
+        left = results.get(timeout=TIMEOUT)
+        assert left["rank"] == 1 and left["error"] == "SystemExit", left
+        receiver.join(timeout=10)
+        assert receiver.exitcode == 0
+        commands.put(1)
+        sent = results.get(timeout=TIMEOUT + SLACK)
+        assert sent.get("error") == "PeerLostError" and "rank 1" in sent["message"], sent
+    finally:
+        commands.put(None)
+        for p in (trainer, receiver):
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
