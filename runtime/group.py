@@ -24,10 +24,10 @@ from weightsync.runtime.errors import (
     WeightSyncError,
 )
 from weightsync.runtime.manifest import TransferConfig
-from weightsync.runtime.rendezvous import TRAINER_RANK, KeyStore, Liveness, connect_store, key_prefix
+from weightsync.runtime.rendezvous import KeyStore, Liveness, connect_store, key_prefix
 from weightsync.runtime.transfer import Buffers
 
-from weightsync.contract import MemberEnv
+from weightsync.contract import TRAINER_RANK, MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 

@@ -22,9 +22,10 @@ from typing import Any
 import torch.distributed as dist
 from weightsync.runtime.errors import PeerLostError, RendezvousError
 
+from weightsync.contract import TRAINER_RANK
+
 log = logging.getLogger("weightsync.runtime")
 
-TRAINER_RANK = 0
 _POLL_SECONDS = 0.05
 
 

@@ -17,7 +17,7 @@ import torch
 from weightsync.runtime.comm import Check, Communicator, Fence
 from weightsync.runtime.plan import Plan, TensorSpec, segments
 
-TRAINER_RANK = 0
+from weightsync.contract import TRAINER_RANK
 
 #: A receiver's loader: gets each batch of (name, tensor); the tensors are only valid during the call.
 Loader = Callable[[list[tuple[str, torch.Tensor]]], None]

@@ -38,6 +38,9 @@ ENDPOINTS_ANNOTATION = "weightsync.dev/endpoints"
 #: aggregates into `status.lastSync`. The trainer may patch its own pod and nothing else (see docs/).
 LAST_SYNC_ANNOTATION = "weightsync.dev/last-sync"
 
+#: The trainer is rank 0 of every sync group, the sender of every broadcast.
+TRAINER_RANK = 0
+
 DEFAULT_PORT = 29500
 DEFAULT_BUFFER_BYTES = 1 << 30
 DEFAULT_NUM_BUFFERS = 2
