@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.sandbox import procs
+from weightsync.sandbox.paths import repo_root
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
 NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
@@ -46,6 +48,15 @@ class Process:
             self.popen.wait(timeout=10)
 
 
+def keep_visible() -> list[str]:
+    """Host paths every container must still see after its volumes are mounted: the Python environment
+    that runs the commands and the checkout its editable install points into."""
+    paths = {sys.prefix, str(Path(__file__).resolve().parent.parent)}
+    with contextlib.suppress(FileNotFoundError):
+        paths.add(str(repo_root()))
+    return sorted(paths)
+
+
 def start(
     *,
     python: str,
@@ -61,7 +72,8 @@ def start(
     """Writes the launcher's spec and starts nsenter (net) -> unshare (mount, uts) -> launcher -> exec."""
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(
-        json.dumps({"argv": argv, "mounts": mounts, "hostname": hostname, "workingDir": working_dir})
+        json.dumps({"argv": argv, "mounts": mounts, "hostname": hostname, "workingDir": working_dir,
+                    "keep": keep_visible()})
     )
     log_file.parent.mkdir(parents=True, exist_ok=True)
     enter = [NSENTER, f"--net=/run/netns/{netns}", "--"] if netns else []  # None: the host's network

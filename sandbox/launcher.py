@@ -40,12 +40,31 @@ def bind(source: str, target: str, read_only: bool) -> None:
         _mount(source, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
 
+def _covered(path: str, targets: list[str]) -> bool:
+    """Whether a mount over one of `targets` hides `path` (a target that is a proper ancestor of it)."""
+    return any(path != t and path.startswith(t.rstrip("/") + "/") for t in targets)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    mounts = spec["mounts"]
+    keep = spec.get("keep", [])
     try:
-        for m in spec["mounts"]:
-            bind(m["source"], m["target"], bool(m.get("readOnly")))
+        # Every source, and every path the container needs from the host (the project's code and its
+        # Python), is opened before anything is mounted: an emptyDir over /tmp must not hide a checkout or a
+        # state directory that lives below /tmp. Binds then come from the open descriptors.
+        held = {p: os.open(p, os.O_PATH) for p in {*(m["source"] for m in mounts), *keep} if os.path.exists(p)}
+
+        def source(path: str) -> str:
+            return f"/proc/self/fd/{held[path]}" if path in held else path
+
+        for m in mounts:
+            bind(source(m["source"]), m["target"], bool(m.get("readOnly")))
+        targets = [m["target"] for m in mounts]
+        for path in keep:
+            if path in held and _covered(path, targets):
+                bind(source(path), path, False)
         if spec.get("hostname"):  # None: a hostNetwork pod keeps the node's name, as on a real node
             socket.sethostname(spec["hostname"])
         os.chdir(spec.get("workingDir") or "/")
