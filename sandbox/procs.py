@@ -31,6 +31,11 @@ def is_zombie(pid: int) -> bool:
         return True
 
 
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    return not is_zombie(pid)
+
+
 def spawn(
     name: str,
     argv: list[str],

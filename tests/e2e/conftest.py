@@ -108,14 +108,6 @@ def group_processes(namespace: str, name: str) -> list[int]:
     return sorted(found)
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 # ------------------------------------------------------------------------------------------------ the group
 
 

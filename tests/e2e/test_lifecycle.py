@@ -9,8 +9,9 @@ weights (the checksum and the output each worker logs for that version equal the
 from __future__ import annotations
 
 import pytest
+from weightsync.sandbox.procs import alive
 
-from .conftest import FORM_S, GONE_S, DemoGroup, alive, group_processes, run_demo
+from .conftest import FORM_S, GONE_S, DemoGroup, group_processes, run_demo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

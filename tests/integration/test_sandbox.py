@@ -14,6 +14,7 @@ import pytest
 import yaml
 from weightsync.sandbox import Sandbox
 from weightsync.sandbox.network import netns_pids
+from weightsync.sandbox.procs import alive
 from weightsync.sandbox.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -77,14 +78,6 @@ def wait_log(sandbox: Sandbox, namespace: str, pod: str, text: str) -> str:
 
 def container_pid(pod: dict[str, Any]) -> int:
     return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("sandbox://"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 HTTP_SERVER = """
