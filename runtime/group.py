@@ -24,7 +24,7 @@ from weightsync.runtime.errors import (
     WeightSyncError,
 )
 from weightsync.runtime.manifest import TransferConfig
-from weightsync.runtime.rendezvous import KeyStore, Liveness, connect_store, key_prefix
+from weightsync.runtime.rendezvous import BellWaiter, KeyStore, Liveness, connect_store, key_prefix
 from weightsync.runtime.transfer import Buffers
 
 from weightsync.contract import TRAINER_RANK, MemberEnv
@@ -59,6 +59,7 @@ class SyncGroup:
         self.comm: Communicator | None = None
         self.keys: KeyStore | None = None
         self.liveness: Liveness | None = None
+        self.bell: BellWaiter | None = None  # receivers: the idle wait for the next sync
         self.members: dict[int, dict[str, Any]] = {}
         self.seq = 0
         self._host_store: dist.TCPStore | None = None
@@ -131,6 +132,7 @@ class SyncGroup:
         else:
             store = connect_store(env.master_addr, env.master_port, False, self.timeout)
             beat_store = connect_store(env.master_addr, env.master_port, False, self.timeout)
+            self.bell = BellWaiter(connect_store(env.master_addr, env.master_port, False, self.timeout), store)
         self.keys = keys = KeyStore(store, prefix)
         self.liveness = Liveness(KeyStore(beat_store, prefix), self.rank, self.world_size,
                                  self.heartbeat_interval, self.dead_after)
@@ -251,6 +253,11 @@ class SyncGroup:
             raise PeerLostError(f"{self._describe_many(ranks)} did not answer {what} within "
                                 f"{self.timeout:.0f}s", ranks=ranks) from None
 
+    @staticmethod
+    def bell_key(seq: int, rank: int) -> str:
+        """Rung by the trainer once sync `seq`'s manifest is out: what an idle receiver waits for."""
+        return f"sync/{seq}/bell/{rank}"
+
     def put_raw(self, key: str, value: bytes) -> None:
         assert self.keys is not None
         self.keys.put_raw(key, value)
@@ -307,6 +314,9 @@ class SyncGroup:
             raise named from err
 
     def teardown(self) -> None:
+        if self.bell is not None:
+            self.bell.release()
+            self.bell = None
         if self.liveness is not None:
             self.liveness.stop()
         if self.comm is not None:

@@ -8,6 +8,7 @@ same set carry only its signature, so the per-sync cost does not grow with the n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class Manifest:
     plan_digest: str
     signature: str  # identifies the tensor set and its plan, whatever the version
     checksums: tuple[int, ...] = field(default=())
+    #: Every receiver said beforehand it is ready for this tensor set: data follows the manifest at once,
+    #: with no verdict/go round trip.
+    preapproved: bool = False
 
     def plan(self) -> Plan:
         return _plan_for(self.tensors, self.config, self.direct_threshold)
@@ -60,21 +64,19 @@ class Manifest:
         return Manifest(version, self.config, self.tensors, self.direct_threshold, self.plan_digest, self.signature,
                         checksums)
 
+    def config_doc(self) -> dict[str, object]:
+        return dataclasses.asdict(self.config)
+
     def to_json(self, include_tensors: bool = True) -> bytes:
         doc: dict[str, object] = {
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "signature": self.signature,
-            "config": {
-                "protocol": self.config.protocol,
-                "packed": self.config.packed,
-                "buffer_bytes": self.config.buffer_bytes,
-                "num_buffers": self.config.num_buffers,
-                "checksums": self.config.checksums,
-            },
+            "config": self.config_doc(),
             "direct_threshold": self.direct_threshold,
             "plan_digest": self.plan_digest,
             "checksums": list(self.checksums),
+            "go": self.preapproved,
         }
         if include_tensors:
             doc["tensors"] = [[t.name, t.dtype, list(t.shape), t.itemsize] for t in self.tensors]
@@ -101,6 +103,7 @@ class Manifest:
             plan_digest=str(doc["plan_digest"]),
             signature=signature,
             checksums=tuple(int(c) for c in doc["checksums"]),
+            preapproved=bool(doc.get("go", False)),
         )
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,8 +106,30 @@ def new_unique_id() -> bytes:
     return bytes(uid.internal)
 
 
-def _new_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+@dataclass(frozen=True)
+class NcclTuning:
+    """How a communicator is set up; the defaults are what the benchmark measured best (bench/README.md).
+
+    `high_priority_comm`: NCCL runs on a high-priority stream, so when a pack or unpack kernel and the next
+    broadcast become ready at the same moment, the broadcast gets its SMs first instead of waiting for the
+    copy's thousands of blocks to drain while every peer's transfer stalls.
+    `min_ctas` / `max_ctas`: ncclConfig_t's bounds on the thread blocks (channels) per operation; None leaves
+    NCCL's choice.
+    """
+
+    high_priority_comm: bool = True
+    min_ctas: int | None = None
+    max_ctas: int | None = None
+
+
+#: The settings new communicators get; the benchmark swaps it to compare settings in one run.
+TUNING = NcclTuning()
+
+
+def _new_stream(device: torch.device, high_priority: bool = False) -> torch.cuda.Stream:
+    # torch's priorities: lower numbers run first; priority_range() is (lowest, highest).
+    priority = torch.cuda.Stream.priority_range()[1] if high_priority else 0  # type: ignore[call-arg]
+    return torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
 
 
 def _new_event() -> torch.cuda.Event:
@@ -124,7 +147,9 @@ class _EventFence:
 class NcclCommunicator:
     """One NCCL communicator with a comm stream and a compute stream on one GPU."""
 
-    def __init__(self, unique_id: bytes, rank: int, world_size: int, device: torch.device, check: Check) -> None:
+    def __init__(self, unique_id: bytes, rank: int, world_size: int, device: torch.device, check: Check,
+                 tuning: NcclTuning | None = None) -> None:
+        tuning = tuning or TUNING
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
             raise WeightSyncError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
         self.rank = rank
@@ -133,14 +158,16 @@ class NcclCommunicator:
         self.nccl = library()
         self.transport = f"nccl {self.nccl.version // 10000}.{self.nccl.version // 100 % 100}"
         torch.cuda.set_device(device)
-        self.comm_stream = _new_stream(device)
+        self.tuning = tuning
+        self.comm_stream = _new_stream(device, tuning.high_priority_comm)
         self.compute_stream = _new_stream(device)
         self._keep: list[torch.Tensor] = []  # tensors in flight on the comm stream, until finish()
         self._depth = 0
         uid = _UniqueId()
         ctypes.memmove(uid.internal, unique_id, NCCL_UNIQUE_ID_BYTES)
-        config = _Config(ctypes.sizeof(_Config), _API_MAGIC, _CONFIG_VERSION, 0, _UNDEF_INT, _UNDEF_INT,
-                         _UNDEF_INT, None, _UNDEF_INT)
+        config = _Config(ctypes.sizeof(_Config), _API_MAGIC, _CONFIG_VERSION, 0, _UNDEF_INT,
+                         _UNDEF_INT if tuning.min_ctas is None else tuning.min_ctas,
+                         _UNDEF_INT if tuning.max_ctas is None else tuning.max_ctas, None, _UNDEF_INT)
         comm = ctypes.c_void_p()
         self.nccl.check(self.nccl.lib.ncclCommInitRankConfig(
             ctypes.byref(comm), world_size, uid, rank, ctypes.byref(config)), "ncclCommInitRankConfig")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 #: Slot alignment in bytes: a multiple of every dtype's size (complex128 is 16) and of the 128-byte
@@ -60,12 +61,12 @@ class Plan:
     direct_threshold: int
     chunks: tuple[Chunk, ...]
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
-        """Payload bytes, without alignment padding."""
+        """Payload bytes, without alignment padding (computed once: a plan is reused for every sync)."""
         return sum(s.nbytes for c in self.chunks for s in c.slots)
 
-    @property
+    @cached_property
     def packed_chunks(self) -> int:
         return sum(1 for c in self.chunks if c.kind == "packed")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,14 +15,35 @@ from weightsync.runtime.errors import ChecksumError, ConfigMismatchError, Weight
 from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest
 from weightsync.runtime.plan import Plan, TensorSpec
-from weightsync.runtime.rendezvous import KeyStore
+from weightsync.runtime.rendezvous import BellWaiter, KeyStore
 from weightsync.runtime.report import SyncReport
-from weightsync.runtime.transfer import Buffers, ChecksumAccumulator, Loader, gc_paused, receive_chunks, spec_of
+from weightsync.runtime.transfer import (
+    Buffers,
+    ChecksumAccumulator,
+    Loader,
+    destinations_by_chunk,
+    gc_paused,
+    receive_chunks,
+    spec_of,
+)
 
 from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
+
+
+#: What a validation of destinations covered: the tensor set, the mapping, and its tensors' ids, shapes, dtypes.
+_Identity = tuple[str, int, list[int], list[torch.Size], list[torch.dtype]]
+
+
+def _destination_identity(into: Mapping[str, torch.Tensor] | None) -> tuple[list[int], list[torch.Size],
+                                                                          list[torch.dtype]]:
+    if into is None:
+        return [], [], []
+    tensors = list(into.values())
+    return (list(map(id, tensors)), list(map(operator.attrgetter("shape"), tensors)),
+            list(map(operator.attrgetter("dtype"), tensors)))
 
 
 class _EpochMoved(Exception):
@@ -39,9 +62,13 @@ class WeightReceiver(GroupMember):
         self.buffers = Buffers()
         self._plans: dict[str, Plan] = {}
         self._manifests: dict[str, Manifest] = {}  # by signature: later syncs of a set send only that
-        self._validated: tuple[str, int, list[int]] | None = None
+        self._validated: _Identity | None = None
+        self._targets: tuple[_Identity, list[list[torch.Tensor]]] | None = None
+        self._ready: tuple[int | None, int, str] | None = None  # (epoch, seq, signature) this receiver is ready for
         self._previous: dict[str, TensorSpec] = {}
         self.last_report: SyncReport | None = None
+        #: Where the time of the last sync went, from the manifest's arrival: its first receive enqueued.
+        self.last_timings: dict[str, float] = {}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightReceiver:
@@ -53,8 +80,9 @@ class WeightReceiver(GroupMember):
 
     def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None) -> list[str]:
         problems = self.group.transfer.differences(manifest.config)
-        # The same tensor set into the same destination tensors as last time needs no second look.
-        identity = (manifest.signature, id(into), [id(t) for t in into.values()] if into is not None else [])
+        # The same tensor set into the same destination tensors, of the same shapes and dtypes, as last time
+        # needs no second look (C-level maps: about 0.2 us a tensor).
+        identity: _Identity = (manifest.signature, id(into), *_destination_identity(into))
         if not problems and self._validated == identity:
             return problems
         for spec in manifest.tensors:
@@ -75,7 +103,19 @@ class WeightReceiver(GroupMember):
         self._validated = identity if not problems else None
         return problems
 
-    def _wait_for_manifest(self, timeout: float | None) -> tuple[int, Manifest]:
+    def _post_ready(self, seq: int, into: Mapping[str, torch.Tensor] | None) -> None:
+        """Tell the trainer, before it sends, which tensor set this receiver is ready for (the last one it
+        got) and whether its destinations still fit: if every receiver is ready for the set the trainer is
+        about to send, the data follows the manifest at once."""
+        known = next(iter(self._manifests.values()), None)
+        problems = self._problems(known, into) if known is not None else []
+        self.group.put(f"sync/{seq}/ready/{self.rank}",
+                       {"signature": known.signature if known is not None else None,
+                        "config": dataclasses.asdict(self.group.transfer), "problems": problems})
+        self._ready = (self.group.epoch, seq, known.signature) if known is not None and not problems else None
+
+    def _wait_for_manifest(self, timeout: float | None,
+                           into: Mapping[str, torch.Tensor] | None) -> tuple[int, Manifest]:
         """Wait for the trainer's next sync, re-forming the group if the epoch moves on meanwhile.
 
         With no timeout the wait lasts as long as the trainer is alive: a dead trainer is an error, a busy
@@ -86,19 +126,21 @@ class WeightReceiver(GroupMember):
         while True:
             group.ensure_formed()
             seq = group.seq
-            key = f"sync/{seq}/manifest"
             check = group.checker("the wait for the next sync")
             epoch = group.epoch
-            keys = group.keys
-            assert keys is not None
+            keys, bell = group.keys, group.bell
+            assert keys is not None and bell is not None
 
             def check_peers_and_epoch(check: Check = check, epoch: int | None = epoch) -> None:
                 check()
                 if group.current_epoch() != epoch:
                     raise _EpochMoved
 
-            def wait(keys: KeyStore = keys, key: str = key, poll: Check = check_peers_and_epoch) -> None:
-                keys.wait_for([key], float("inf") if deadline is None else deadline, poll, prompt=False)
+            def wait(keys: KeyStore = keys, bell: BellWaiter = bell, seq: int = seq,
+                     poll: Check = check_peers_and_epoch) -> None:
+                self._post_ready(seq, into)
+                bell.wait(keys.full_name(group.bell_key(seq, self.rank)),
+                          float("inf") if deadline is None else deadline, poll)
 
             try:
                 group.run_guarded("the wait for the next sync", wait, passthrough=(_EpochMoved, TimeoutError))
@@ -106,7 +148,7 @@ class WeightReceiver(GroupMember):
                 continue
             except TimeoutError:
                 raise WeightSyncError(f"no sync started within {timeout:.0f}s") from None
-            return seq, Manifest.from_json(keys.get_raw(key), self._manifests)
+            return seq, Manifest.from_json(keys.get_raw(f"sync/{seq}/manifest"), self._manifests)
 
     def receive(self, loader: Loader | None = None, *, into: Mapping[str, torch.Tensor] | None = None,
                 timeout: float | None = None) -> SyncReport:
@@ -124,7 +166,7 @@ class WeightReceiver(GroupMember):
     def _receive(self, loader: Loader | None, into: Mapping[str, torch.Tensor] | None,
                  timeout: float | None) -> SyncReport:
         group = self.group
-        seq, manifest = self._wait_for_manifest(timeout)
+        seq, manifest = self._wait_for_manifest(timeout, into)
         group.seq += 1
         if manifest.signature not in self._manifests:
             self._manifests = {manifest.signature: manifest}  # the newest set only: the trainer sends no older
@@ -133,21 +175,33 @@ class WeightReceiver(GroupMember):
         version = manifest.version
 
         def body() -> SyncReport:
-            problems = self._problems(manifest, into)
-            group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
-            group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
-            refused = group.get(f"sync/{seq}/go")["problems"]
-            if refused:
-                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
+            if manifest.preapproved:
+                if self._ready != (group.epoch, seq, manifest.signature):
+                    raise WeightSyncError(f"the trainer started sync v{version} of tensor set {manifest.signature} "
+                                          f"without this receiver's consent (ready for {self._ready})")
+            else:
+                problems = self._problems(manifest, into)
+                group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
+                group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
+                refused = group.get(f"sync/{seq}/go")["problems"]
+                if refused:
+                    raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
             plan = self._plans.get(manifest.signature)
             if plan is None:
                 plan = self._plans[manifest.signature] = manifest.plan()
             views = self.buffers.prepare(plan, manifest.tensors, manifest.signature, manifest.config.num_buffers,
                                          group.device)
+            targets = None
+            if into is not None:
+                assert self._validated is not None  # _problems() found none, so it recorded what it checked
+                if self._targets is None or self._targets[0] != self._validated:
+                    self._targets = (self._validated, destinations_by_chunk(plan, manifest.tensors, into))
+                targets = self._targets[1]
             sums = ChecksumAccumulator(bool(manifest.checksums), {})
             assert group.comm is not None
-            receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,
-                           into, loader, sums, group.checker(f"sync v{version}", deadline))
+            first = receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,
+                                   targets, loader, sums, group.checker(f"sync v{version}", deadline))
+            self.last_timings = {"first_byte_seconds": first - started}
             got = sums.fetch(len(manifest.tensors))
             errors = [f"tensor {manifest.tensors[i].name!r} checksum {g} != trainer's {w}"
                       for i, (g, w) in enumerate(zip(got, manifest.checksums, strict=False)) if g != w]

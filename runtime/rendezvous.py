@@ -98,17 +98,28 @@ class KeyStore:
     def add(self, key: str, amount: int) -> int:
         return int(_reaching_trainer(lambda: self.store.add(key, amount)))
 
-    def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None], prompt: bool = True) -> None:
+    def full_name(self, key: str) -> str:
+        """The key as the unprefixed store sees it (c10d's PrefixStore joins with a slash)."""
+        return f"{self.prefix}/{key}"
+
+    def get_many(self, keys: list[str]) -> list[Any] | None:
+        """The values of every key, or None unless all of them exist (two round trips, whatever the count)."""
+        if not _reaching_trainer(lambda: self.store.check(keys)):
+            return None
+        return [json.loads(v) for v in _reaching_trainer(lambda: self.store.multi_get(keys))]
+
+    def put_many(self, keys: list[str], value: Any) -> None:
+        encoded = json.dumps(value)
+        _reaching_trainer(lambda: self.store.multi_set(keys, [encoded] * len(keys)))  # type: ignore[attr-defined]
+
+    def wait_for(self, keys: list[str], deadline: float, on_poll: Callable[[], None]) -> None:
         """Wait until every key exists; `on_poll` runs between waits and may raise.
 
-        `prompt` waits are those inside a sync, where the keys are due within milliseconds: they block in
-        the store (woken the moment the keys appear) in slices of at most a second, checking liveness in
-        between. Other waits (an idle receiver waiting for the next sync, possibly for minutes) poll with
-        `check` instead, because each blocking wait that runs out logs a c10d time-out warning.
+        For waits inside a sync, where the keys are due within milliseconds: they block in the store (woken
+        the moment the keys appear) in slices of at most a second, checking liveness in between. An idle
+        wait of unknown length (a receiver waiting for the next sync) uses a `BellWaiter` instead.
         """
         pending = list(keys)
-        pause = 0.0002
-        idle_since = time.monotonic()
         while pending:
             pending = [k for k in pending if not self.has(k)]
             if not pending:
@@ -117,14 +128,67 @@ class KeyStore:
             now = time.monotonic()
             if now >= deadline:
                 raise TimeoutError(", ".join(pending))
-            if prompt:
-                # A slice that runs out, or a store that is gone, raises here: the next has() tells which.
-                with contextlib.suppress(RuntimeError, OSError):
-                    self.store.wait(pending, timedelta(seconds=max(min(deadline - now, 1.0), 0.01)))
-                continue
-            time.sleep(pause)
-            # Stay quick for the first second (a sync is usually about to start), then back off.
-            pause = min(pause * 2, 0.001 if now - idle_since < 1.0 else _POLL_SECONDS)
+            # A slice that runs out, or a store that is gone, raises here: the next has() tells which.
+            with contextlib.suppress(RuntimeError, OSError):
+                self.store.wait(pending, timedelta(seconds=max(min(deadline - now, 1.0), 0.01)))
+
+
+class BellWaiter:
+    """Waits for one key on a store connection and a thread of its own, with no time-out at all.
+
+    An idle receiver may wait minutes for the next sync, yet should start within a fraction of a
+    millisecond of it. Polling is either slow or busy, and blocking store waits in bounded slices log a
+    c10d warning for every slice that runs out. So the blocking wait runs on a dedicated connection in a
+    thread, while the caller checks liveness between short waits on an event. A wait that is given up
+    (the epoch moved on, the group closes) is released by ringing its key from the caller's connection;
+    a wait cut short by the caller's own time-out stays pending and is resumed by the next wait for the
+    same key.
+    """
+
+    def __init__(self, store: dist.Store, ring: dist.Store) -> None:
+        self._store = store  # dedicated to the waiting thread
+        self._ring = ring  # the caller's connection, to release a wait given up
+        self._key: str | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self, key: str, deadline: float, on_poll: Callable[[], None]) -> None:
+        """Return once `key` (a full key name, prefix included) exists; `on_poll` runs every few ms."""
+        if self._key != key:
+            self.release()
+            self._key, self._error = key, None
+            self._done.clear()
+            self._thread = threading.Thread(target=self._run, args=(key,), name="weightsync-bell", daemon=True)
+            self._thread.start()
+        while not self._done.wait(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0.0))):
+            on_poll()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(key)
+        self._key = None
+        error = self._error
+        if error is not None:
+            _reaching_trainer(lambda: _reraise(error))
+
+    def _run(self, key: str) -> None:
+        try:
+            self._store.wait([key], timedelta(days=365))
+        except BaseException as err:  # the store's host is gone: the caller names it
+            self._error = err
+        self._done.set()
+
+    def release(self) -> None:
+        """Ring a pending wait's key so its thread ends (best effort: a store that is gone ends it too)."""
+        if self._key is None or self._thread is None:
+            return
+        with contextlib.suppress(Exception):
+            self._ring.set(self._key, "released")
+        self._thread.join(timeout=1.0)
+        self._key = None
+
+
+def _reraise(err: BaseException) -> None:
+    raise err
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +20,9 @@ from weightsync.runtime.transfer import Buffers, checksum, gc_paused, send_chunk
 from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 
 
 class WeightSender(GroupMember):
@@ -44,7 +49,8 @@ class WeightSender(GroupMember):
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
         self._announced: tuple[int | None, str] | None = None
-        self._layout_cache: tuple[list[str], list[torch.Size | torch.dtype], tuple[TensorSpec, ...]] | None = None
+        self._layout_cache: tuple[tuple[str, ...], list[torch.Size], list[torch.dtype], tuple[TensorSpec, ...]] | None \
+            = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightSender:
@@ -58,13 +64,16 @@ class WeightSender(GroupMember):
         self._cached = (specs, manifest, plan)
         return manifest, plan
 
-    def _layout(self, items: list[tuple[str, torch.Tensor]]) -> tuple[TensorSpec, ...]:
-        """The specs of `items`; rebuilt only when names, dtypes or shapes changed since the last sync, since
-        with tens of thousands of tensors the per-tensor Python work is what a sync waits for."""
-        names = [name for name, _ in items]
-        layout = [t.shape for _, t in items] + [t.dtype for _, t in items]  # flat lists compare fastest
-        if self._layout_cache is not None and self._layout_cache[0] == names and self._layout_cache[1] == layout:
-            return self._layout_cache[2]
+    def _layout(self, items: list[tuple[str, torch.Tensor]]) -> tuple[tuple[TensorSpec, ...], tuple[torch.Tensor, ...]]:
+        """The specs and the tensors of `items`; specs are rebuilt only when names, dtypes or shapes changed
+        since the last sync. With tens of thousands of tensors this check is most of the trainer's Python
+        work before the first byte, so it runs as C-level map/zip over flat lists (about 0.2 us a tensor)."""
+        names, tensors = (tuple(column) for column in zip(*items, strict=True)) if items else ((), ())
+        shapes = list(map(_SHAPE, tensors))
+        dtypes = list(map(_DTYPE, tensors))
+        cached = self._layout_cache
+        if cached is not None and cached[0] == names and cached[1] == shapes and cached[2] == dtypes:
+            return cached[3], tensors
         if len(set(names)) != len(names):
             seen: set[str] = set()
             duplicate = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
@@ -74,8 +83,8 @@ class WeightSender(GroupMember):
                 raise ValueError(f"tensor {name!r} is {tensor.layout}/{tensor.device.type}; only dense, "
                                  "materialised tensors can be sent")
         specs = tuple(spec_of(name, tensor) for name, tensor in items)
-        self._layout_cache = (names, layout, specs)
-        return specs
+        self._layout_cache = (names, shapes, dtypes, specs)
+        return specs, tensors
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
         """Broadcast every tensor to every receiver; returns once all of them acknowledged."""
@@ -85,8 +94,7 @@ class WeightSender(GroupMember):
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
         started = time.perf_counter()
         items = list(named_tensors)
-        specs = self._layout(items)
-        sources = [t for _, t in items]
+        specs, sources = self._layout(items)
         group = self.group
         group.ensure_formed()
         with torch.no_grad():
@@ -102,13 +110,26 @@ class WeightSender(GroupMember):
         deadline = time.monotonic() + group.timeout
 
         def body() -> SyncReport:
-            group.put_raw(f"sync/{seq}/manifest", manifest.to_json(include_tensors=not announced))
-            group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline, f"the manifest of v{version}")
-            problems = [f"{group.describe(r)}: {p}" for r in receivers
-                        for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
-            group.put(f"sync/{seq}/go", {"problems": problems})
-            if problems:
-                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
+            keys = group.keys
+            assert keys is not None
+            # Every receiver, once waiting for this sync, says which tensor set it is ready for: when all of
+            # them are ready for this one, the data follows the manifest with no verdict/go round trip.
+            ready_keys = [f"sync/{seq}/ready/{r}" for r in receivers]
+            group.wait_all(ready_keys, deadline, f"the start of sync v{version}")
+            ready = keys.get_many(ready_keys) or []
+            preapproved = all(r["signature"] == manifest.signature and r["config"] == manifest.config_doc()
+                              and not r["problems"] for r in ready)
+            out = dataclasses.replace(manifest, preapproved=preapproved)
+            group.put_raw(f"sync/{seq}/manifest", out.to_json(include_tensors=not announced))
+            keys.put_many([group.bell_key(seq, r) for r in receivers], 1)
+            if not preapproved:
+                group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline,
+                               f"the manifest of v{version}")
+                problems = [f"{group.describe(r)}: {p}" for r in receivers
+                            for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
+                group.put(f"sync/{seq}/go", {"problems": problems})
+                if problems:
+                    raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
             assert group.comm is not None
             with torch.no_grad():
                 first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers.buffers,
@@ -120,7 +141,7 @@ class WeightSender(GroupMember):
                 raise ChecksumError(f"sync v{version} arrived corrupted: " + "; ".join(bad))
             assert group.epoch is not None
             self.last_timings = {"first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
-                                 "buffer_bytes_allocated": self.buffers.nbytes}
+                                 "buffer_bytes_allocated": self.buffers.nbytes, "preapproved": float(preapproved)}
             return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
                                    tuple(receivers), group.comm.transport, group.epoch)
 

@@ -131,21 +131,25 @@ def run_trainer(env: MemberEnv, versions: int, count: int, large_numel: int, res
     _begin()
     try:
         with WeightSender(env, device=device, **(send_kwargs or {})) as sender:
-            digests, reports = {}, []
+            digests, reports, preapproved = {}, [], []
             for v in range(versions):
                 named = make_tensors(count, v, device, large_numel)
                 reports.append(sender.send(named, version=v).to_json())
+                preapproved.append(bool(sender.last_timings["preapproved"]))
                 digests[v] = digest(named)
-            results.put(_result(0, digests=digests, reports=reports))
+            results.put(_result(0, digests=digests, reports=reports, preapproved=preapproved))
     except BaseException as err:
         results.put(_error(0, err))
 
 
 def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, results: Queue[Any],
                  device: str = "cpu", count: int = 0, large_numel: int = 0, pause_in_loader: float = 0.0,
-                 signals: Queue[Any] | None = None, exit_on_sigterm: bool = False) -> None:
+                 signals: Queue[Any] | None = None, exit_on_sigterm: bool = False,
+                 shrink_large_after: int | None = None) -> None:
     """Receive `versions` syncs. With `signals`, announce the first batch there; `pause_in_loader` seconds
-    are spent in the loader for every batch (the test kills this process or another one meanwhile)."""
+    are spent in the loader for every batch (the test kills this process or another one meanwhile).
+    `shrink_large_after`: once that version arrived, the destination of "large.weight" is replaced by one
+    element smaller (an engine whose parameters changed between syncs)."""
     from weightsync.runtime import WeightReceiver
 
     rank = env.rank_offset + local_rank
@@ -175,6 +179,8 @@ def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, res
                     report = receiver.receive(loader)
                     digests[v] = digest(got.items())
                 reports.append(report.to_json())
+                if v == shrink_large_after:
+                    destinations["large.weight"] = torch.empty(large_numel - 1, device=device)
             results.put(_result(rank, digests=digests, reports=reports))
     except BaseException as err:
         results.put(_error(rank, err))
@@ -190,6 +196,7 @@ def run_group(envs: list[MemberEnv], *, versions: int = 2, count: int = 100, lar
               styles: tuple[str, ...] = ("into", "loader"), devices: dict[int, str] | None = None,
               skip_ranks: tuple[int, ...] = (), block_rank: int | None = None, block_seconds: float = 3600.0,
               kill_on_first_batch: int | None = None, receiver_large_numel: int | None = None,
+              receiver_kwargs: dict[int, dict[str, Any]] | None = None,
               wait: float = 120.0) -> dict[int, dict[str, Any]]:
     """Run a trainer and every inference worker of `envs` as separate processes; returns results by rank.
 
@@ -197,7 +204,7 @@ def run_group(envs: list[MemberEnv], *, versions: int = 2, count: int = 100, lar
     `skip_ranks` never start (a member that never arrives). `block_rank` spends `block_seconds` in its
     loader for every batch (the default: it stops there); `kill_on_first_batch` names the rank SIGKILLed as
     soon as that rank's first batch arrives (mid-sync), and its result records `killed_at`. A rank that
-    stops for good is not waited for.
+    stops for good is not waited for. `receiver_kwargs` adds arguments of `run_receiver` by rank.
     """
     import multiprocessing as mp
 
@@ -222,7 +229,8 @@ def run_group(envs: list[MemberEnv], *, versions: int = 2, count: int = 100, lar
                 kwargs = {"count": count,
                           "large_numel": large_numel if receiver_large_numel is None else receiver_large_numel,
                           "pause_in_loader": block_seconds if rank == block_rank else 0.0,
-                          "signals": signals if rank == block_rank else None}
+                          "signals": signals if rank == block_rank else None,
+                          **(receiver_kwargs or {}).get(rank, {})}
             procs[rank] = ctx.Process(target=target, args=args, kwargs=kwargs, name=f"weightsync-rank-{rank}")
     for p in procs.values():
         p.start()

@@ -131,6 +131,46 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
 MEMCPY_MIN_BYTES: int | None = None
 
 
+class Timeline:
+    """CUDA events around every pack, broadcast and unpack of one sync: where the GPU time of a sync went.
+
+    A diagnostic for the benchmark (set `TIMELINE`), never on in production: one event pair per chunk.
+    """
+
+    def __init__(self) -> None:
+        self.origin: torch.cuda.Event | None = None
+        self.marks: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def span(self, what: str, chunk: int, stream: torch.cuda.Stream) -> Iterator[None]:
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        if self.origin is None:
+            self.origin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            self.origin.record(stream)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self.marks.append((what, chunk, start, end))
+
+    def rows(self) -> list[dict[str, float | int | str]]:
+        """(what, chunk, start ms, end ms) relative to the first mark; call after the sync finished."""
+        assert self.origin is not None
+        return [{"what": what, "chunk": chunk, "start_ms": self.origin.elapsed_time(a),
+                 "end_ms": self.origin.elapsed_time(b)} for what, chunk, a, b in self.marks]
+
+
+#: Set to a `Timeline` to record the next syncs' GPU spans (benchmark diagnostics); None: nothing recorded.
+TIMELINE: Timeline | None = None
+
+
+def _span(comm: Communicator, what: str, chunk: int) -> contextlib.AbstractContextManager[None]:
+    stream = getattr(comm, "comm_stream" if what == "broadcast" else "compute_stream", None)
+    if TIMELINE is None or stream is None:
+        return contextlib.nullcontext()
+    return TIMELINE.span(what, chunk, stream)
+
+
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     if MEMCPY_MIN_BYTES is None:
         torch._foreach_copy_(destinations, sources)
@@ -164,7 +204,7 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
                         source = source.to(comm.device).contiguous()
                     comm.comm_wait(comm.compute_fence())
                 staged.append(source)
-            with comm.batch():
+            with _span(comm, "broadcast", chunk_indices[0]), comm.batch():
                 for source in staged:
                     comm.broadcast(as_bytes(source), TRAINER_RANK)
             first = first or time.perf_counter()
@@ -174,10 +214,11 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
         b = packed_index % len(buffers)
         packed_index += 1
         comm.compute_wait(free_after[b], check)
-        with comm.compute_lane():
+        with comm.compute_lane(), _span(comm, "pack", ci):
             _copy_all(views[ci], [sources[s.index] for s in chunk.slots])
         comm.comm_wait(comm.compute_fence())
-        comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        with _span(comm, "broadcast", ci):
+            comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
         free_after[b] = comm.comm_fence()
     enqueued = time.perf_counter()
@@ -185,29 +226,40 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
     return first or enqueued, enqueued
 
 
+def destinations_by_chunk(plan: Plan, specs: Sequence[TensorSpec],
+                          destinations: Mapping[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Every chunk's destination tensors in slot order: computed once per tensor set and destination mapping,
+    so a sync does no per-tensor look-ups."""
+    return [[destinations[specs[s.index].name] for s in chunk.slots] for chunk in plan.chunks]
+
+
 def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
-                   buffers: list[torch.Tensor], destinations: Mapping[str, torch.Tensor] | None,
-                   loader: Loader | None, checksums: ChecksumAccumulator, check: Check) -> None:
+                   buffers: list[torch.Tensor], targets: list[list[torch.Tensor]] | None,
+                   loader: Loader | None, checksums: ChecksumAccumulator, check: Check) -> float:
+    """Returns once every chunk arrived and was delivered: the perf_counter() value at which the first
+    receive was enqueued, to measure a receiver's own time to first byte."""
     comm.start()
+    first = 0.0
     reusable_after: list[Fence | None] = [None] * len(buffers)
     packed_index = 0
     for kind, chunk_indices in segments_of(plan):
         if kind == "direct":
             # (spec index, landing tensor, the destination to copy into when it could not be the landing)
             landings: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-            with comm.batch():
+            with _span(comm, "broadcast", chunk_indices[0]), comm.batch():
                 for ci in chunk_indices:
                     index = plan.chunks[ci].slots[0].index
                     spec = specs[index]
-                    target = destinations.get(spec.name) if destinations is not None else None
+                    target = targets[ci][0] if targets is not None else None
                     if target is not None and target.is_contiguous() and target.device == comm.device:
                         landings.append((index, target, None))
                     else:
                         landing = torch.empty(spec.shape, dtype=dtype_of(spec), device=comm.device)
                         landings.append((index, landing, target))
                     comm.broadcast(as_bytes(landings[-1][1]), TRAINER_RANK)
+            first = first or time.perf_counter()
             comm.compute_wait(comm.comm_fence(), check)
-            with comm.compute_lane():
+            with comm.compute_lane(), _span(comm, "unpack", chunk_indices[0]):
                 for index, landing, target in landings:
                     checksums.add(index, landing)
                     if target is not None:
@@ -221,17 +273,23 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
         b = packed_index % len(buffers)
         packed_index += 1
         comm.comm_wait(reusable_after[b])
-        comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        with _span(comm, "broadcast", ci):
+            comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+        first = first or time.perf_counter()
         comm.compute_wait(comm.comm_fence(), check)
-        with comm.compute_lane():
-            for slot, view in zip(chunk.slots, chunk_views, strict=True):
-                checksums.add(slot.index, view)
-            if destinations is not None:
-                _copy_all([destinations[specs[s.index].name] for s in chunk.slots], chunk_views)
+        with comm.compute_lane(), _span(comm, "unpack", ci):
+            if checksums.enabled:
+                for slot, view in zip(chunk.slots, chunk_views, strict=True):
+                    checksums.add(slot.index, view)
+            if targets is not None:
+                _copy_all(targets[ci], chunk_views)
             elif loader is not None:
                 loader([(specs[s.index].name, v) for s, v in zip(chunk.slots, chunk_views, strict=True)])
         reusable_after[b] = comm.compute_fence()
+    if not first:
+        first = time.perf_counter()
     comm.finish(check)
+    return first
 
 
 _segments: dict[int, tuple[Plan, list[tuple[str, list[int]]]]] = {}

@@ -34,6 +34,18 @@ def test_a_destination_of_the_wrong_shape_is_refused_by_name() -> None:
         assert "'large.weight'" in results[rank]["message"] and "[99]" in results[rank]["message"]
 
 
+def test_a_destination_that_changed_shape_after_a_sync_refuses_the_next_one_by_name() -> None:
+    envs = group_envs(replicas=2, workers_per_replica=1, timeout=TIMEOUT)
+    results = run_group(envs, versions=2, count=20, large_numel=100, styles=("into",),
+                        receiver_kwargs={2: {"shrink_large_after": 0}})
+    for rank in (0, 1, 2):
+        res = results[rank]
+        assert res.get("error") == "ConfigMismatchError", (rank, res)
+        assert "sync v1 refused before any data moved" in res["message"], res["message"]
+        assert "'large.weight'" in res["message"] and "[99]" in res["message"], res["message"]
+    assert "rank 2" in results[0]["message"]
+
+
 def test_a_receiver_killed_mid_sync_is_named_by_everyone_else() -> None:
     envs = group_envs(replicas=3, workers_per_replica=1, timeout=TIMEOUT, buffer_bytes=1 << 16)
     results = run_group(envs, versions=1, count=50, large_numel=4_000_000, block_rank=3, kill_on_first_batch=3)
