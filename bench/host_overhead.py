@@ -43,7 +43,7 @@ def buffer_for(set_name: str, real_buffer: int = GiB) -> int:
     shapes = SETS[set_name]()
     chunks = max(1, -(-nbytes(shapes) // real_buffer))
     per_tensor = 256  # 128 bytes, aligned to the plan's 256
-    return max(256, len(shapes) * per_tensor // chunks)
+    return max(1 << 16, len(shapes) * per_tensor // chunks)  # the contract's smallest buffer is 64 KiB
 
 
 def _profile_text(profiler: cProfile.Profile | None) -> str:
@@ -69,6 +69,8 @@ def trainer(env: Any, set_name: str, syncs: int, profile: bool, idle: float, out
             sender.send(items, version=v)
             total = time.perf_counter() - t0
             rows.append({"total_ms": 1e3 * total, "first_byte_ms": 1e3 * sender.last_timings["first_byte_seconds"],
+                         "layout_ms": 1e3 * sender.last_timings.get("layout_seconds", float("nan")),
+                         "manifest_out_ms": 1e3 * sender.last_timings.get("manifest_out_seconds", float("nan")),
                          "enqueue_ms": 1e3 * sender.last_timings["enqueue_seconds"],
                          "preapproved": sender.last_timings.get("preapproved", 0.0)})
     out.put((0, rows, _profile_text(profiler)))
@@ -83,7 +85,8 @@ def receiver(env: Any, set_name: str, syncs: int, profile: bool, out: Any) -> No
             if profiler is not None and v == 1:
                 profiler.enable()
             recv.receive(into=params)
-            rows.append({"first_byte_ms": 1e3 * recv.last_timings["first_byte_seconds"]})
+            timings = getattr(recv, "last_timings", {})  # older runtimes (for before/after runs) have none
+            rows.append({"first_byte_ms": 1e3 * timings.get("first_byte_seconds", float("nan"))})
     out.put((env.rank_offset, rows, _profile_text(profiler)))
 
 
@@ -119,12 +122,16 @@ def main() -> None:
         "tensors": len(SETS[args.set]()), "receivers": args.receivers, "syncs": args.syncs,
         "idle_seconds": args.idle_seconds,
         "trainer_total_ms": median(0, "total_ms"), "trainer_first_byte_ms": median(0, "first_byte_ms"),
-        "trainer_enqueue_ms": median(0, "enqueue_ms"),
+        "trainer_enqueue_ms": median(0, "enqueue_ms"), "trainer_layout_ms": median(0, "layout_ms"),
+        "trainer_manifest_out_ms": median(0, "manifest_out_ms"),
         "receiver_first_byte_ms": max(median(r, "first_byte_ms") for r in steady if r != 0),
         "first_sync_total_ms": results[0][0][0]["total_ms"],
     }
     per_tensor_us = 1e3 * summary["trainer_total_ms"] / summary["tensors"]
-    print(f"{args.set}: {summary['tensors']} tensors, {args.receivers} receivers, buffer {buffer} B")
+    import weightsync.runtime
+
+    print(f"{args.set}: {summary['tensors']} tensors, {args.receivers} receivers, buffer {buffer} B, "
+          f"runtime from {os.path.dirname(weightsync.runtime.__file__)}")
     for key, value in summary.items():
         print(f"  {key:<26} {value:10.2f}" if isinstance(value, float) else f"  {key:<26} {value:10d}")
     print(f"  trainer total per tensor   {per_tensor_us:10.2f} us")

@@ -18,6 +18,7 @@ peak memory overhead and the time to first byte.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -29,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from weightsync.runtime import WeightReceiver, WeightSender, transfer
-from weightsync.runtime.nccl import NcclCommunicator, new_unique_id
+from weightsync.runtime import WeightReceiver, WeightSender, copies, nccl, transfer
+from weightsync.runtime.nccl import NcclCommunicator, NcclTuning, new_unique_id
 from weightsync.runtime.testing import free_port, group_envs
 from weightsync.runtime.transfer import checksum
 
@@ -187,8 +188,43 @@ def vllm_style(comm: NcclCommunicator, params: dict[str, torch.Tensor], rank: in
     return fn
 
 
+def config_label(cfg: dict[str, Any]) -> str:
+    copy = "full-speed copies" if cfg["copy_programs"] is None else f"copies on {cfg['copy_programs']} blocks"
+    extra = ("" if cfg["high_priority"] else ", normal-priority NCCL stream") + (
+        f", CTAs {cfg['ctas'][0]}-{cfg['ctas'][1]}" if cfg["ctas"] != (None, None) else "")
+    return f"weightsync {cfg['buffer_bytes'] >> 20} MiB x{cfg['num_buffers']}, {copy}{extra}"
+
+
+def record_timeline(fn: Any, rank: int, world: int) -> list[list[dict[str, Any]]]:
+    """One more sync with the GPU timeline on; every rank's spans (ms from its own first mark)."""
+    transfer.TIMELINE = transfer.Timeline()
+    barrier(torch.device("cuda", rank))
+    fn(time.perf_counter())
+    torch.cuda.synchronize()
+    rows = transfer.TIMELINE.rows()
+    transfer.TIMELINE = None
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return gathered
+
+
+def timeline_summary(ranks: list[list[dict[str, Any]]]) -> list[str]:
+    """Per rank: GPU time in broadcasts, the gaps between them, and in packing or unpacking copies."""
+    out = []
+    for rank, rows in enumerate(ranks):
+        casts = sorted((r for r in rows if r["what"] == "broadcast"), key=lambda r: r["start_ms"])
+        copies_ms = sum(r["end_ms"] - r["start_ms"] for r in rows if r["what"] != "broadcast")
+        busy = sum(r["end_ms"] - r["start_ms"] for r in casts)
+        gaps = sum(max(0.0, b["start_ms"] - a["end_ms"]) for a, b in itertools.pairwise(casts))
+        end = max((r["end_ms"] for r in rows), default=0.0)
+        first = casts[0]["start_ms"] if casts else 0.0
+        out.append(f"rank {rank}: first broadcast at {first:.2f} ms, broadcasts {busy:.1f} ms in {len(casts)}, "
+                   f"gaps {gaps:.2f} ms, copies {copies_ms:.1f} ms, last span ends {end:.1f} ms")
+    return out
+
+
 def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str], iters: int,
-           configs: list[dict[str, int]], out_path: str) -> None:
+           configs: list[dict[str, Any]], out_path: str, timeline: bool) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job_port)})
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -236,9 +272,9 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
         torch.cuda.empty_cache()
         for i, cfg in enumerate(configs):
             env = envs[i][0 if rank == 0 else rank]
-            label = (f"weightsync buf={cfg['buffer_bytes'] >> 20}MiB x{cfg['num_buffers']} "
-                     f"direct>={cfg['direct'] >> 20}MiB" + (" memcpy" if cfg["memcpy_min"] is not None else ""))
-            transfer.MEMCPY_MIN_BYTES = cfg["memcpy_min"]
+            label = config_label(cfg)
+            copies.COPY_PROGRAMS = cfg["copy_programs"]
+            nccl.TUNING = NcclTuning(cfg["high_priority"], *cfg["ctas"])
             env = env.model_copy(update={"buffer_bytes": cfg["buffer_bytes"], "num_buffers": cfg["num_buffers"]})
             timings: list[dict[str, float]] = []
             if rank != 0:
@@ -264,7 +300,14 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
             row["config"] = cfg
             if rank == 0:
                 row["host_enqueue_ms"] = 1e3 * statistics.median(t["enqueue_seconds"] for t in timings[1:])
+                row["trainer_layout_check_ms"] = 1e3 * statistics.median(t["layout_seconds"] for t in timings[1:])
+                row["preapproved_syncs"] = sum(int(t["preapproved"]) for t in timings)
                 row["buffer_bytes_allocated"] = timings[-1]["buffer_bytes_allocated"]
+            if timeline:
+                row["timeline"] = record_timeline(fn, rank, world)
+                if rank == 0:
+                    for line in timeline_summary(row["timeline"]):
+                        log("    " + line)
             # Bit-exact check: every receiver's parameters against the trainer's, per-tensor checksums.
             sums = torch.stack([checksum(t) for t in params.values()])
             reference = sums.clone()
@@ -298,26 +341,45 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
         print(f"wrote {out_path}", flush=True)
 
 
+def parse_config(spec: str) -> dict[str, Any]:
+    buf, count, direct, *options = spec.split(":")
+    cfg: dict[str, Any] = {"buffer_bytes": int(buf) << 20, "num_buffers": int(count), "direct": int(direct) << 20,
+                           "copy_programs": copies.COPY_PROGRAMS, "high_priority": True, "ctas": (None, None)}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "copy":
+            cfg["copy_programs"] = None if value == "full" else int(value)
+        elif key == "prio":
+            cfg["high_priority"] = value == "high"
+        elif key == "ctas":
+            low, high = value.split("-")
+            cfg["ctas"] = (int(low), int(high))
+        else:
+            raise SystemExit(f"unknown option {option!r} in --configs {spec!r}")
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["dense", "moe"], choices=sorted(SETS))
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default="bench-results.json")
-    parser.add_argument("--configs", default="1024:2:1024,2048:2:2048,1024:2:1024:1,2048:2:2048:1",
+    parser.add_argument("--configs", default="1024:2:1024,1024:2:1024:copy=full,2048:2:2048",
                         help="weightsync settings to try, comma-separated: buffer MiB:buffers:direct-threshold MiB"
-                             "[:memcpy-min MiB] (the last: pack tensors that large with one cudaMemcpyAsync each)")
+                             "[:copy=BLOCKS|full][:prio=high|normal][:ctas=MIN-MAX] (copy: thread blocks of the "
+                             "bounded pack/unpack kernel, full: torch's full-speed copies; prio: the NCCL stream's "
+                             "priority; ctas: ncclConfig_t minCTAs-maxCTAs)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="after each weightsync setting, one more sync with the GPU timeline of every rank")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     world = torch.cuda.device_count()
     if world < 2:
         raise SystemExit("needs at least 2 GPUs")
-    configs = []
-    for spec in args.configs.split(","):
-        buf, count, direct, *memcpy = (int(x) for x in spec.split(":"))
-        configs.append({"buffer_bytes": buf << 20, "num_buffers": count, "direct": direct << 20,
-                        "memcpy_min": memcpy[0] << 20 if memcpy else None})
+    configs = [parse_config(spec) for spec in args.configs.split(",")]
     envs = [group_envs(world - 1, 1, backend="nccl", timeout=300, port=free_port()) for _ in configs]
-    mp.spawn(member, args=(world, free_port(), envs, args.sets, args.iters, configs, args.out), nprocs=world)
+    mp.spawn(member, args=(world, free_port(), envs, args.sets, args.iters, configs, args.out, args.timeline),
+             nprocs=world)
 
 
 if __name__ == "__main__":

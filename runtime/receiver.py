@@ -199,7 +199,7 @@ class WeightReceiver(GroupMember):
                 targets = self._targets[1]
             sums = ChecksumAccumulator(bool(manifest.checksums), {})
             assert group.comm is not None
-            first = receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers.buffers,
+            first = receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers,
                                    targets, loader, sums, group.checker(f"sync v{version}", deadline))
             self.last_timings = {"first_byte_seconds": first - started}
             got = sums.fetch(len(manifest.tensors))

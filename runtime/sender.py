@@ -95,6 +95,7 @@ class WeightSender(GroupMember):
         started = time.perf_counter()
         items = list(named_tensors)
         specs, sources = self._layout(items)
+        laid_out = time.perf_counter()
         group = self.group
         group.ensure_formed()
         with torch.no_grad():
@@ -122,6 +123,7 @@ class WeightSender(GroupMember):
             out = dataclasses.replace(manifest, preapproved=preapproved)
             group.put_raw(f"sync/{seq}/manifest", out.to_json(include_tensors=not announced))
             keys.put_many([group.bell_key(seq, r) for r in receivers], 1)
+            announced_at = time.perf_counter()
             if not preapproved:
                 group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline,
                                f"the manifest of v{version}")
@@ -132,7 +134,7 @@ class WeightSender(GroupMember):
                     raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
             assert group.comm is not None
             with torch.no_grad():
-                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers.buffers,
+                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers,
                                               group.checker(f"sync v{version}", deadline))
             group.wait_all([f"sync/{seq}/ack/{r}" for r in receivers], deadline, f"the end of sync v{version}")
             bad = [f"{group.describe(r)}: {e}" for r in receivers for e in group.get(f"sync/{seq}/ack/{r}")["errors"]]
@@ -140,7 +142,8 @@ class WeightSender(GroupMember):
             if bad:
                 raise ChecksumError(f"sync v{version} arrived corrupted: " + "; ".join(bad))
             assert group.epoch is not None
-            self.last_timings = {"first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
+            self.last_timings = {"layout_seconds": laid_out - started, "manifest_out_seconds": announced_at - started,
+                                 "first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
                                  "buffer_bytes_allocated": self.buffers.nbytes, "preapproved": float(preapproved)}
             return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
                                    tuple(receivers), group.comm.transport, group.epoch)

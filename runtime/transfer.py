@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from weightsync.runtime.comm import Check, Communicator, Fence
+from weightsync.runtime.copies import BoundedCopies
 from weightsync.runtime.plan import Plan, TensorSpec, segments
 
 from weightsync.contract import TRAINER_RANK
@@ -58,6 +59,7 @@ class Buffers:
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
         self._views: dict[tuple[str, str], list[list[torch.Tensor]]] = {}
+        self.copies = BoundedCopies()
 
     def prepare(self, plan: Plan, specs: Sequence[TensorSpec], signature: str, num_buffers: int,
                 device: torch.device) -> list[list[torch.Tensor]]:
@@ -68,6 +70,7 @@ class Buffers:
                 or (count and self.buffers[0].device != device)):
             self.buffers = [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(count)]
             self._views.clear()
+        self.copies.use(signature)
         key = (signature, str(device))
         views = self._views.get(key)
         if views is None:
@@ -125,12 +128,6 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-#: Tensors of at least this many bytes are packed and unpacked with one copy each (cudaMemcpyAsync) instead
-#: of the multi-tensor copy kernel; None: every tensor goes through the multi-tensor kernel. A knob for the
-#: benchmark's sweep (bench/sync_bench.py), not a setting of the env contract.
-MEMCPY_MIN_BYTES: int | None = None
-
-
 class Timeline:
     """CUDA events around every pack, broadcast and unpack of one sync: where the GPU time of a sync went.
 
@@ -171,28 +168,18 @@ def _span(comm: Communicator, what: str, chunk: int) -> contextlib.AbstractConte
     return TIMELINE.span(what, chunk, stream)
 
 
-def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    if MEMCPY_MIN_BYTES is None:
-        torch._foreach_copy_(destinations, sources)
-        return
-    small_d, small_s = [], []
-    for d, s in zip(destinations, sources, strict=True):
-        if d.numel() * d.element_size() >= MEMCPY_MIN_BYTES:
-            d.copy_(s)
-        else:
-            small_d.append(d)
-            small_s.append(s)
-    if small_d:
-        torch._foreach_copy_(small_d, small_s)
-
-
 def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
-                views: list[list[torch.Tensor]], buffers: list[torch.Tensor], check: Check) -> tuple[float, float]:
+                views: list[list[torch.Tensor]], buffers: Buffers, check: Check) -> tuple[float, float]:
     """Returns when every chunk is on the wire and done: (first broadcast enqueued, last enqueued), as
-    perf_counter() values, to measure time to first byte and the host's own overhead."""
+    perf_counter() values, to measure time to first byte and the host's own overhead.
+
+    A pack that overlaps a broadcast runs on few SMs (copies.py); the first, which overlaps none, at full speed.
+    """
     comm.start()
+    copies = buffers.copies
+    wire = buffers.buffers
     first = 0.0
-    free_after: list[Fence | None] = [None] * len(buffers)
+    free_after: list[Fence | None] = [None] * len(wire)
     packed_index = 0
     for kind, chunk_indices in segments_of(plan):
         if kind == "direct":
@@ -211,14 +198,14 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
             continue
         ci = chunk_indices[0]
         chunk = plan.chunks[ci]
-        b = packed_index % len(buffers)
+        b = packed_index % len(wire)
         packed_index += 1
         comm.compute_wait(free_after[b], check)
         with comm.compute_lane(), _span(comm, "pack", ci):
-            _copy_all(views[ci], [sources[s.index] for s in chunk.slots])
+            copies.copy(("pack", ci), views[ci], [sources[s.index] for s in chunk.slots], bounded=bool(first))
         comm.comm_wait(comm.compute_fence())
         with _span(comm, "broadcast", ci):
-            comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+            comm.broadcast(wire[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
         free_after[b] = comm.comm_fence()
     enqueued = time.perf_counter()
@@ -234,13 +221,19 @@ def destinations_by_chunk(plan: Plan, specs: Sequence[TensorSpec],
 
 
 def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
-                   buffers: list[torch.Tensor], targets: list[list[torch.Tensor]] | None,
+                   buffers: Buffers, targets: list[list[torch.Tensor]] | None,
                    loader: Loader | None, checksums: ChecksumAccumulator, check: Check) -> float:
     """Returns once every chunk arrived and was delivered: the perf_counter() value at which the first
-    receive was enqueued, to measure a receiver's own time to first byte."""
+    receive was enqueued, to measure a receiver's own time to first byte.
+
+    An unpack that overlaps a broadcast runs on few SMs (copies.py); the last, which overlaps none, at full
+    speed."""
     comm.start()
+    copies = buffers.copies
+    wire = buffers.buffers
+    last_chunk = len(plan.chunks) - 1
     first = 0.0
-    reusable_after: list[Fence | None] = [None] * len(buffers)
+    reusable_after: list[Fence | None] = [None] * len(wire)
     packed_index = 0
     for kind, chunk_indices in segments_of(plan):
         if kind == "direct":
@@ -270,11 +263,11 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
         ci = chunk_indices[0]
         chunk = plan.chunks[ci]
         chunk_views = views[ci]
-        b = packed_index % len(buffers)
+        b = packed_index % len(wire)
         packed_index += 1
         comm.comm_wait(reusable_after[b])
         with _span(comm, "broadcast", ci):
-            comm.broadcast(buffers[b][: chunk.nbytes], TRAINER_RANK)
+            comm.broadcast(wire[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
         comm.compute_wait(comm.comm_fence(), check)
         with comm.compute_lane(), _span(comm, "unpack", ci):
@@ -282,7 +275,7 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
                 for slot, view in zip(chunk.slots, chunk_views, strict=True):
                     checksums.add(slot.index, view)
             if targets is not None:
-                _copy_all(targets[ci], chunk_views)
+                copies.copy(("unpack", ci), targets[ci], chunk_views, bounded=ci != last_chunk)
             elif loader is not None:
                 loader([(specs[s.index].name, v) for s, v in zip(chunk.slots, chunk_views, strict=True)])
         reusable_after[b] = comm.compute_fence()

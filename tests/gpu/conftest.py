@@ -1,4 +1,4 @@
-"""GPU tier: NCCL on real GPUs. Skipped where there are fewer than two CUDA devices (CI has none)."""
+"""GPU tier: NCCL on real GPUs (two or more) and GPU kernels (one). Skipped without them (CI has none)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ def gpu_count() -> int:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if gpu_count() >= 2:
-        return
-    skip = pytest.mark.skip(reason="needs at least 2 CUDA GPUs (NCCL); see bench/results/ for the recorded runs")
+    gpus = gpu_count()
+    many = pytest.mark.skip(reason="needs at least 2 CUDA GPUs (NCCL); see bench/results/ for the recorded runs")
+    one = pytest.mark.skip(reason="needs a CUDA GPU; see bench/results/ for the recorded runs")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("gpu") and gpus < 2:
+            item.add_marker(many)
+        elif item.get_closest_marker("single_gpu") and gpus < 1:
+            item.add_marker(one)
