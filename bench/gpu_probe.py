@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["dense", "moe"], choices=sorted(SETS))
     parser.add_argument("--ctas", type=int, nargs="+", default=[8, 24], help="stand-in receive's thread blocks")
     parser.add_argument("--unpack-programs", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--compare-priority", action="store_true",
+                        help="run every contention case with the stand-in's stream at normal and at high priority")
     parser.add_argument("--out", default="gpu-probe.json")
     args = parser.parse_args()
     torch.cuda.set_device(DEVICE)
@@ -248,7 +250,8 @@ def main() -> None:
         row: dict[str, Any] = {"pack": pack_costs(set_name, params)}
         row["trainer_alone"] = [trainer_alone(set_name, params, p) for p in (None, 32, 64)]
         row["unpack_check"] = check_multi_copy(params)
-        row["contention"] = [contention(set_name, params, c, False, u) for c in args.ctas
+        row["contention"] = [contention(set_name, params, c, prio, u) for c in args.ctas
+                             for prio in ((False, True) if args.compare_priority else (False,))
                              for u in (None, *args.unpack_programs)]
         out["sets"][set_name] = row
         del params

@@ -190,7 +190,7 @@ def vllm_style(comm: NcclCommunicator, params: dict[str, torch.Tensor], rank: in
 
 def config_label(cfg: dict[str, Any]) -> str:
     copy = "full-speed copies" if cfg["copy_programs"] is None else f"copies on {cfg['copy_programs']} blocks"
-    extra = ("" if cfg["high_priority"] else ", normal-priority NCCL stream") + (
+    extra = (", high-priority NCCL stream" if cfg["high_priority"] else "") + (
         f", CTAs {cfg['ctas'][0]}-{cfg['ctas'][1]}" if cfg["ctas"] != (None, None) else "")
     return f"weightsync {cfg['buffer_bytes'] >> 20} MiB x{cfg['num_buffers']}, {copy}{extra}"
 
@@ -344,7 +344,7 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
 def parse_config(spec: str) -> dict[str, Any]:
     buf, count, direct, *options = spec.split(":")
     cfg: dict[str, Any] = {"buffer_bytes": int(buf) << 20, "num_buffers": int(count), "direct": int(direct) << 20,
-                           "copy_programs": copies.COPY_PROGRAMS, "high_priority": True, "ctas": (None, None)}
+                           "copy_programs": copies.COPY_PROGRAMS, "high_priority": False, "ctas": (None, None)}
     for option in options:
         key, _, value = option.partition("=")
         if key == "copy":

@@ -108,16 +108,17 @@ def new_unique_id() -> bytes:
 
 @dataclass(frozen=True)
 class NcclTuning:
-    """How a communicator is set up; the defaults are what the benchmark measured best (bench/README.md).
+    """How a communicator is set up (a knob for the benchmark's comparisons, not part of the env contract).
 
-    `high_priority_comm`: NCCL runs on a high-priority stream, so when a pack or unpack kernel and the next
-    broadcast become ready at the same moment, the broadcast gets its SMs first instead of waiting for the
-    copy's thousands of blocks to drain while every peer's transfer stalls.
+    `high_priority_comm`: run NCCL on a high-priority stream, so that when a copy kernel and the next
+    broadcast become ready together the broadcast's blocks are scheduled first. Off by default: on one H200
+    it made no difference against an emulated receive (bench/results/gpu-probe-1xH200-priority.log); the
+    interference there was memory bandwidth, which runtime/copies.py bounds instead.
     `min_ctas` / `max_ctas`: ncclConfig_t's bounds on the thread blocks (channels) per operation; None leaves
     NCCL's choice.
     """
 
-    high_priority_comm: bool = True
+    high_priority_comm: bool = False
     min_ctas: int | None = None
     max_ctas: int | None = None
 
