@@ -28,6 +28,7 @@ COPY_PROGRAMS: int | None = 32
 
 _WORD = 4  # bytes per element the kernel moves
 _BLOCK = 4096  # words per program and step
+_MAX_BYTES = 1 << 31  # larger tensors (only in packed chunks of buffers over 2 GiB) go through torch's copy
 
 _kernel: Any = None  # the compiled-on-first-use Triton kernel; False once it proved unusable
 #: Why the bounded copy kernel is not used in this process (None while it is, or before its first use).
@@ -132,10 +133,11 @@ def _disable(reason: str) -> None:
 
 def _takes(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], src_ptrs: list[int],
            dst_ptrs: list[int]) -> list[bool]:
-    """Per pair, whether the kernel can copy it: whole 4-byte words at 4-byte addresses, contiguous, and the
-    same size, dtype and device on both sides."""
+    """Per pair, whether the kernel can copy it: whole 4-byte words at 4-byte addresses, contiguous, the same
+    size, dtype and device on both sides, and under 2 GiB (the kernel's offsets are 32-bit)."""
     device = destinations[0].device
-    return [not (d.numel() * d.element_size() % _WORD or sp % _WORD or dp % _WORD or d.dtype != s.dtype
+    return [not (d.numel() * d.element_size() % _WORD or d.numel() * d.element_size() >= _MAX_BYTES
+                 or sp % _WORD or dp % _WORD or d.dtype != s.dtype
                  or d.shape != s.shape or not d.is_contiguous() or not s.is_contiguous() or s.device != device
                  or d.device != device or d.numel() == 0)
             for d, s, sp, dp in zip(destinations, sources, src_ptrs, dst_ptrs, strict=True)]

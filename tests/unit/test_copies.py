@@ -24,6 +24,13 @@ def test_odd_sizes_misaligned_addresses_strides_and_dtype_changes_are_not() -> N
     assert _takes(dst, src, _ptrs(src), _ptrs(dst)) == [False, False, False, False, True]
 
 
+def test_tensors_of_2_gib_or_more_are_left_to_torch() -> None:
+    huge = [torch.empty(1 << 29, device="meta")]  # 2 GiB of float32, with no memory behind it
+    just_under = [torch.empty((1 << 29) - 1, device="meta")]
+    assert _takes(huge, huge, [0], [0]) == [False]
+    assert _takes(just_under, just_under, [0], [0]) == [True]
+
+
 def test_cpu_tensors_are_copied_by_torch() -> None:
     src = [torch.randn(5, 3), torch.arange(7, dtype=torch.int8)]
     dst = [torch.empty_like(t) for t in src]
