@@ -71,8 +71,7 @@ def trainer(env: Any, set_name: str, syncs: int, profile: bool, idle: float, out
             rows.append({"total_ms": 1e3 * total, "first_byte_ms": 1e3 * sender.last_timings["first_byte_seconds"],
                          "layout_ms": 1e3 * sender.last_timings.get("layout_seconds", float("nan")),
                          "manifest_out_ms": 1e3 * sender.last_timings.get("manifest_out_seconds", float("nan")),
-                         "enqueue_ms": 1e3 * sender.last_timings["enqueue_seconds"],
-                         "preapproved": sender.last_timings.get("preapproved", 0.0)})
+                         "enqueue_ms": 1e3 * sender.last_timings["enqueue_seconds"]})
     out.put((0, rows, _profile_text(profiler)))
 
 

@@ -301,7 +301,6 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
             if rank == 0:
                 row["host_enqueue_ms"] = 1e3 * statistics.median(t["enqueue_seconds"] for t in timings[1:])
                 row["trainer_layout_check_ms"] = 1e3 * statistics.median(t["layout_seconds"] for t in timings[1:])
-                row["preapproved_syncs"] = sum(int(t["preapproved"]) for t in timings)
                 row["buffer_bytes_allocated"] = timings[-1]["buffer_bytes_allocated"]
             if timeline:
                 row["timeline"] = record_timeline(fn, rank, world)

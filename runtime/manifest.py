@@ -53,9 +53,6 @@ class Manifest:
     plan_digest: str
     signature: str  # identifies the tensor set and its plan, whatever the version
     checksums: tuple[int, ...] = field(default=())
-    #: Every receiver said beforehand it is ready for this tensor set: data follows the manifest at once,
-    #: with no verdict/go round trip.
-    preapproved: bool = False
 
     def plan(self) -> Plan:
         return _plan_for(self.tensors, self.config, self.direct_threshold)
@@ -76,7 +73,6 @@ class Manifest:
             "direct_threshold": self.direct_threshold,
             "plan_digest": self.plan_digest,
             "checksums": list(self.checksums),
-            "go": self.preapproved,
         }
         if include_tensors:
             doc["tensors"] = [[t.name, t.dtype, list(t.shape), t.itemsize] for t in self.tensors]
@@ -103,7 +99,6 @@ class Manifest:
             plan_digest=str(doc["plan_digest"]),
             signature=signature,
             checksums=tuple(int(c) for c in doc["checksums"]),
-            preapproved=bool(doc.get("go", False)),
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 import time
@@ -64,7 +63,6 @@ class WeightReceiver(GroupMember):
         self._manifests: dict[str, Manifest] = {}  # by signature: later syncs of a set send only that
         self._validated: _Identity | None = None
         self._targets: tuple[_Identity, list[list[torch.Tensor]]] | None = None
-        self._ready: tuple[int | None, int, str] | None = None  # (epoch, seq, signature) this receiver is ready for
         self._previous: dict[str, TensorSpec] = {}
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went, from the manifest's arrival: its first receive enqueued.
@@ -103,17 +101,6 @@ class WeightReceiver(GroupMember):
         self._validated = identity if not problems else None
         return problems
 
-    def _post_ready(self, seq: int, into: Mapping[str, torch.Tensor] | None) -> None:
-        """Tell the trainer, before it sends, which tensor set this receiver is ready for (the last one it
-        got) and whether its destinations still fit: if every receiver is ready for the set the trainer is
-        about to send, the data follows the manifest at once."""
-        known = next(iter(self._manifests.values()), None)
-        problems = self._problems(known, into) if known is not None else []
-        self.group.put(f"sync/{seq}/ready/{self.rank}",
-                       {"signature": known.signature if known is not None else None,
-                        "config": dataclasses.asdict(self.group.transfer), "problems": problems})
-        self._ready = (self.group.epoch, seq, known.signature) if known is not None and not problems else None
-
     def _wait_for_manifest(self, timeout: float | None,
                            into: Mapping[str, torch.Tensor] | None) -> tuple[int, Manifest]:
         """Wait for the trainer's next sync, re-forming the group if the epoch moves on meanwhile.
@@ -138,7 +125,6 @@ class WeightReceiver(GroupMember):
 
             def wait(keys: KeyStore = keys, bell: BellWaiter = bell, seq: int = seq,
                      poll: Check = check_peers_and_epoch) -> None:
-                self._post_ready(seq, into)
                 bell.wait(keys.full_name(group.bell_key(seq, self.rank)),
                           float("inf") if deadline is None else deadline, poll)
 
@@ -175,17 +161,12 @@ class WeightReceiver(GroupMember):
         version = manifest.version
 
         def body() -> SyncReport:
-            if manifest.preapproved:
-                if self._ready != (group.epoch, seq, manifest.signature):
-                    raise WeightSyncError(f"the trainer started sync v{version} of tensor set {manifest.signature} "
-                                          f"without this receiver's consent (ready for {self._ready})")
-            else:
-                problems = self._problems(manifest, into)
-                group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
-                group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
-                refused = group.get(f"sync/{seq}/go")["problems"]
-                if refused:
-                    raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
+            problems = self._problems(manifest, into)
+            group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
+            group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
+            refused = group.get(f"sync/{seq}/go")["problems"]
+            if refused:
+                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
             plan = self._plans.get(manifest.signature)
             if plan is None:
                 plan = self._plans[manifest.signature] = manifest.plan()

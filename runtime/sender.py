@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 import time
@@ -114,25 +113,17 @@ class WeightSender(GroupMember):
         def body() -> SyncReport:
             keys = group.keys
             assert keys is not None
-            # Every receiver, once waiting for this sync, says which tensor set it is ready for: when all of
-            # them are ready for this one, the data follows the manifest with no verdict/go round trip.
-            ready_keys = [f"sync/{seq}/ready/{r}" for r in receivers]
-            group.wait_all(ready_keys, deadline, f"the start of sync v{version}")
-            ready = keys.get_many(ready_keys) or []
-            preapproved = all(r["signature"] == manifest.signature and r["config"] == manifest.config_doc()
-                              and not r["problems"] for r in ready)
-            out = dataclasses.replace(manifest, preapproved=preapproved)
-            group.put_raw(f"sync/{seq}/manifest", out.to_json(include_tensors=not announced))
+            group.put_raw(f"sync/{seq}/manifest", manifest.to_json(include_tensors=not announced))
             keys.put_many([group.bell_key(seq, r) for r in receivers], 1)
             announced_at = time.perf_counter()
-            if not preapproved:
-                group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline,
-                               f"the manifest of v{version}")
-                problems = [f"{group.describe(r)}: {p}" for r in receivers
-                            for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
-                group.put(f"sync/{seq}/go", {"problems": problems})
-                if problems:
-                    raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
+            # Every receiver answers before data moves: a mismatch is refused with nothing written, and a receiver
+            # that died while it waited is found here, not in the middle of a broadcast.
+            group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline, f"the manifest of v{version}")
+            problems = [f"{group.describe(r)}: {p}" for r in receivers
+                        for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
+            group.put(f"sync/{seq}/go", {"problems": problems})
+            if problems:
+                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
             assert group.comm is not None
             with torch.no_grad():
                 first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers,
@@ -145,7 +136,7 @@ class WeightSender(GroupMember):
             assert group.epoch is not None
             self.last_timings = {"layout_seconds": laid_out - started, "manifest_out_seconds": announced_at - started,
                                  "first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
-                                 "buffer_bytes_allocated": self.buffers.nbytes, "preapproved": float(preapproved)}
+                                 "buffer_bytes_allocated": self.buffers.nbytes}
             return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
                                    tuple(receivers), group.comm.transport, group.epoch)
 

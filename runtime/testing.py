@@ -131,13 +131,12 @@ def run_trainer(env: MemberEnv, versions: int, count: int, large_numel: int, res
     _begin()
     try:
         with WeightSender(env, device=device, **(send_kwargs or {})) as sender:
-            digests, reports, preapproved = {}, [], []
+            digests, reports = {}, []
             for v in range(versions):
                 named = make_tensors(count, v, device, large_numel)
                 reports.append(sender.send(named, version=v).to_json())
-                preapproved.append(bool(sender.last_timings["preapproved"]))
                 digests[v] = digest(named)
-            results.put(_result(0, digests=digests, reports=reports, preapproved=preapproved))
+            results.put(_result(0, digests=digests, reports=reports))
     except BaseException as err:
         results.put(_error(0, err))
 

@@ -116,7 +116,8 @@ class Loaded:
 def parse_trainer(log: str, pod_uid: str) -> list[Sent]:
     out = []
     for line in log.splitlines():
-        if "] sync v=" in line:
+        # Only completed syncs: "sync v=2 failed (attempt 1/5): ..." lines carry no epoch or checksum.
+        if re.search(r"\] sync v=\d+ epoch=", line):
             f = fields(line)
             out.append(Sent(pod_uid, int(f["v"]), int(f["epoch"]), f["checksum"], f["output"], int(f["acked"]),
                             line))
