@@ -76,11 +76,13 @@ class WeightReceiver(GroupMember):
     def rank(self) -> int:
         return self.group.rank
 
-    def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None) -> list[str]:
+    def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None,
+                  destinations: tuple[list[int], list[torch.Size], list[torch.dtype]]) -> list[str]:
+        """`destinations`: _destination_identity(into), taken while the receiver still waited for the sync."""
         problems = self.group.transfer.differences(manifest.config)
         # The same tensor set into the same destination tensors, of the same shapes and dtypes, as last time
-        # needs no second look (C-level maps, well under a microsecond a tensor).
-        identity: _Identity = (manifest.signature, id(into), *_destination_identity(into))
+        # needs no second look.
+        identity: _Identity = (manifest.signature, id(into), *destinations)
         if not problems and self._validated == identity:
             return problems
         for spec in manifest.tensors:
@@ -101,8 +103,7 @@ class WeightReceiver(GroupMember):
         self._validated = identity if not problems else None
         return problems
 
-    def _wait_for_manifest(self, timeout: float | None,
-                           into: Mapping[str, torch.Tensor] | None) -> tuple[int, Manifest]:
+    def _wait_for_manifest(self, timeout: float | None) -> tuple[int, Manifest]:
         """Wait for the trainer's next sync, re-forming the group if the epoch moves on meanwhile.
 
         With no timeout the wait lasts as long as the trainer is alive: a dead trainer is an error, a busy
@@ -152,7 +153,10 @@ class WeightReceiver(GroupMember):
     def _receive(self, loader: Loader | None, into: Mapping[str, torch.Tensor] | None,
                  timeout: float | None) -> SyncReport:
         group = self.group
-        seq, manifest = self._wait_for_manifest(timeout, into)
+        # Read before the wait, not after the manifest arrives: with tens of thousands of destinations this is
+        # milliseconds, and the sync should not wait for them. They cannot change while this call blocks.
+        destinations = _destination_identity(into)
+        seq, manifest = self._wait_for_manifest(timeout)
         group.seq += 1
         if manifest.signature not in self._manifests:
             self._manifests = {manifest.signature: manifest}  # the newest set only: the trainer sends no older
@@ -161,7 +165,7 @@ class WeightReceiver(GroupMember):
         version = manifest.version
 
         def body() -> SyncReport:
-            problems = self._problems(manifest, into)
+            problems = self._problems(manifest, into, destinations)
             group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
             group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
             refused = group.get(f"sync/{seq}/go")["problems"]
