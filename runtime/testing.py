@@ -185,6 +185,37 @@ def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, res
         results.put(_error(rank, err))
 
 
+def run_polling_receiver(env: MemberEnv, count: int, signals: Queue[Any], results: Queue[Any]) -> None:
+    """An engine that polls for weights between its own work: after a first sync (which forms the group),
+    `receive(timeout=0.3)` until the next one arrives. Announces each time-out on `signals`; its result has
+    that sync's version and digest, the time-outs and its bell threads."""
+    import threading
+
+    from weightsync.runtime import WeightReceiver, WeightSyncError
+
+    _begin()
+    try:
+        with WeightReceiver(env) as receiver:
+            destinations = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
+                            for n, t in make_tensors(count, 0)}
+            receiver.receive(into=destinations)
+            timeouts = 0
+            while True:
+                try:
+                    report = receiver.receive(into=destinations, timeout=0.3)
+                    break
+                except WeightSyncError as err:
+                    if "no sync started" not in str(err):
+                        raise
+                    timeouts += 1
+                    signals.put(timeouts)
+            bells = sum(1 for t in threading.enumerate() if t.name == "weightsync-bell")
+            results.put(_result(env.rank_offset, digest=digest(destinations.items()), version=report.version,
+                                timeouts=timeouts, bell_threads=bells))
+    except BaseException as err:
+        results.put(_error(env.rank_offset, err))
+
+
 def kill(pid: int) -> float:
     """SIGKILL a member; returns the wall-clock time of the kill."""
     os.kill(pid, signal.SIGKILL)

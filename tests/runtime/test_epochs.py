@@ -1,4 +1,5 @@
-"""Epochs: a group re-forms in place, with a new membership, when the operator publishes a new epoch."""
+"""Epochs and waits: a group re-forms in place when the operator publishes a new epoch, and a receiver that
+polls with a timeout picks up the next sync."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from weightsync.runtime.testing import (
     digest,
     group_envs,
     make_tensors,
+    run_polling_receiver,
     run_receiver,
     run_trainer_on_command,
     write_membership,
@@ -53,6 +55,33 @@ def test_a_scale_up_reforms_the_group_and_the_next_sync_reaches_the_new_member(t
     finally:
         commands.put(None)
         for p in (trainer, first):
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_keeps_one_waiting_thread() -> None:
+    ctx = mp.get_context("spawn")
+    results, commands, signals = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    envs = group_envs(replicas=1, workers_per_replica=1, timeout=30)
+    trainer = ctx.Process(target=run_trainer_on_command, args=(envs[0], 40, commands, results))
+    engine = ctx.Process(target=run_polling_receiver, args=(envs[1], 40, signals, results))
+    trainer.start()
+    engine.start()
+    try:
+        commands.put(0)
+        assert "error" not in (first := results.get(timeout=60)), first
+        while signals.get(timeout=60) < 3:  # three polls ran out before the trainer had anything to send
+            pass
+        commands.put(1)
+        out = {r["rank"]: r for r in (results.get(timeout=60), results.get(timeout=60))}
+        assert "error" not in out[0] and "error" not in out[1], out
+        assert out[1]["version"] == 1 and out[1]["digest"] == out[0]["digest"] == digest(make_tensors(40, 1))
+        assert out[1]["timeouts"] >= 3
+        assert out[1]["bell_threads"] <= 1, "every timed-out wait was resumed, not abandoned with a thread"
+    finally:
+        commands.put(None)
+        for p in (trainer, engine):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
