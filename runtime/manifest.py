@@ -61,15 +61,12 @@ class Manifest:
         return Manifest(version, self.config, self.tensors, self.direct_threshold, self.plan_digest, self.signature,
                         checksums)
 
-    def config_doc(self) -> dict[str, object]:
-        return dataclasses.asdict(self.config)
-
     def to_json(self, include_tensors: bool = True) -> bytes:
         doc: dict[str, object] = {
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "signature": self.signature,
-            "config": self.config_doc(),
+            "config": dataclasses.asdict(self.config),
             "direct_threshold": self.direct_threshold,
             "plan_digest": self.plan_digest,
             "checksums": list(self.checksums),

@@ -102,13 +102,8 @@ class KeyStore:
         """The key as the unprefixed store sees it (c10d's PrefixStore joins with a slash)."""
         return f"{self.prefix}/{key}"
 
-    def get_many(self, keys: list[str]) -> list[Any] | None:
-        """The values of every key, or None unless all of them exist (two round trips, whatever the count)."""
-        if not _reaching_trainer(lambda: self.store.check(keys)):
-            return None
-        return [json.loads(v) for v in _reaching_trainer(lambda: self.store.multi_get(keys))]
-
     def put_many(self, keys: list[str], value: Any) -> None:
+        """The same value under every key, in one round trip."""
         encoded = json.dumps(value)
         _reaching_trainer(lambda: self.store.multi_set(keys, [encoded] * len(keys)))  # type: ignore[attr-defined]
 
