@@ -121,36 +121,6 @@ def _stand_in_receive(src, dst, n, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
-@triton.jit
-def _multi_copy(srcs, dsts, sizes, count, BLOCK: tl.constexpr):
-    """Copies `count` tensors (pointer and int32-word tables) with however few programs it is launched with."""
-    pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
-    for i in range(count):
-        src = tl.load(srcs + i).to(tl.pointer_type(tl.int32))
-        dst = tl.load(dsts + i).to(tl.pointer_type(tl.int32))
-        n = tl.load(sizes + i)
-        for start in range(pid * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n
-            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-
-
-class MultiCopy:
-    """A multi-tensor copy on a fixed number of programs (SMs), its pointer tables built once per chunk."""
-
-    def __init__(self, dests: list[torch.Tensor], sources: list[torch.Tensor], programs: int) -> None:
-        assert all(d.nbytes % 4 == 0 and d.nbytes == s.nbytes for d, s in zip(dests, sources, strict=True))
-        self.tables = torch.tensor([[s.data_ptr() for s in sources], [d.data_ptr() for d in dests],
-                                    [d.nbytes // 4 for d in dests]], dtype=torch.int64, device=DEVICE)
-        self.count = len(dests)
-        self.programs = programs
-
-    def __call__(self) -> None:
-        t = self.tables
-        _multi_copy[(self.programs,)](t[0], t[1], t[2], self.count, BLOCK=4096)
-
-
 def stand_in(src: torch.Tensor, dst: torch.Tensor, ctas: int) -> None:
     n = min(src.numel(), dst.numel())
     _stand_in_receive[(ctas,)](src, dst, n, BLOCK=8192)
@@ -158,16 +128,24 @@ def stand_in(src: torch.Tensor, dst: torch.Tensor, ctas: int) -> None:
 
 def contention(set_name: str, params: dict[str, torch.Tensor], ctas: int, high_priority: bool,
                unpack_programs: int | None = None) -> dict[str, Any]:
-    """`unpack_programs`: unpack with the multi-tensor copy on that many programs instead of foreach_copy_."""
+    """`unpack_programs`: unpack with the runtime's bounded copy (runtime/copies.py) on that many programs
+    instead of foreach_copy_."""
     plan, views, buffers = plan_and_views(params)
     dests = list(params.values())
     packed = [i for i, c in enumerate(plan.chunks) if c.kind == "packed"][:12]
-    copies = {ci: MultiCopy([dests[sl.index] for sl in plan.chunks[ci].slots], views[ci], unpack_programs)
-              for ci in packed} if unpack_programs else {}
-    unpack_alone = statistics.median(
-        elapsed_ms(copies[ci]) if copies else
-        elapsed_ms(lambda ci=ci: torch._foreach_copy_([dests[sl.index] for sl in plan.chunks[ci].slots], views[ci]))
-        for ci in packed[:4])
+    copies.COPY_PROGRAMS = unpack_programs
+    bounded = copies.BoundedCopies()
+
+    def unpack(ci: int) -> None:
+        targets = [dests[sl.index] for sl in plan.chunks[ci].slots]
+        if unpack_programs:
+            bounded.copy(("unpack", ci), targets, views[ci], bounded=True)
+        else:
+            torch._foreach_copy_(targets, views[ci])
+
+    unpack_alone = statistics.median(elapsed_ms(lambda ci=ci: unpack(ci)) for ci in packed[:4])
+    assert not unpack_programs or (bounded.kernel_copies and copies.unavailable_reason is None), \
+        f"the bounded copy kernel did not run: {copies.unavailable_reason}"
     wire = torch.empty(GiB // 8, dtype=torch.int64, device=DEVICE)  # "the wire": read by the stand-in
     bufs = [b[: b.numel() // 8 * 8].view(torch.int64) for b in buffers.buffers]
     comm = torch.cuda.Stream(DEVICE, priority=torch.cuda.Stream.priority_range()[1] if high_priority else 0)
@@ -188,10 +166,7 @@ def contention(set_name: str, params: dict[str, torch.Tensor], ctas: int, high_p
                 spans.append((s, e))
             compute.wait_event(e)
             with torch.cuda.stream(compute):
-                if copies:
-                    copies[ci]()
-                else:
-                    torch._foreach_copy_([dests[sl.index] for sl in plan.chunks[ci].slots], views[ci])
+                unpack(ci)
                 done = torch.cuda.Event()
                 done.record(compute)
                 reusable[b] = done
@@ -220,14 +195,16 @@ def contention(set_name: str, params: dict[str, torch.Tensor], ctas: int, high_p
     return row
 
 
-def check_multi_copy(params: dict[str, torch.Tensor]) -> bool:
-    """The multi-tensor copy moves every byte of a chunk (bit-exact against foreach_copy_)."""
+def check_bounded_copy(params: dict[str, torch.Tensor]) -> bool:
+    """The runtime's bounded copy moves every byte of a chunk (bit-exact), through its Triton kernel."""
     plan, views, _ = plan_and_views(params)
     ci = next(i for i, c in enumerate(plan.chunks) if c.kind == "packed")
     sources = [list(params.values())[sl.index] for sl in plan.chunks[ci].slots]
-    MultiCopy(views[ci], sources, 16)()
-    ok = all(torch.equal(v, s) for v, s in zip(views[ci], sources, strict=True))
-    log(f"multi-tensor copy bit-exact on chunk {ci} ({len(sources)} tensors): {ok}")
+    copies.COPY_PROGRAMS = 16
+    bounded = copies.BoundedCopies()
+    bounded.copy(("pack", ci), views[ci], sources, bounded=True)
+    ok = bounded.kernel_copies == 1 and all(torch.equal(v, s) for v, s in zip(views[ci], sources, strict=True))
+    log(f"bounded copy kernel bit-exact on chunk {ci} ({len(sources)} tensors): {ok}")
     return ok
 
 
@@ -249,7 +226,7 @@ def main() -> None:
         params = make_params(SETS[set_name](), DEVICE, fill=True)
         row: dict[str, Any] = {"pack": pack_costs(set_name, params)}
         row["trainer_alone"] = [trainer_alone(set_name, params, p) for p in (None, 32, 64)]
-        row["unpack_check"] = check_multi_copy(params)
+        row["unpack_check"] = check_bounded_copy(params)
         row["contention"] = [contention(set_name, params, c, prio, u) for c in args.ctas
                              for prio in ((False, True) if args.compare_priority else (False,))
                              for u in (None, *args.unpack_programs)]
