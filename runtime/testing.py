@@ -349,6 +349,16 @@ def run_trainer_on_command(env: MemberEnv, count: int, commands: Queue[Any], res
                 results.put(_error(0, err))
 
 
+def end_on_command(commands: Queue[Any], *processes: Any, wait: float = 30.0) -> None:
+    """Tell a `run_trainer_on_command` trainer to end, then join every process, killing any still alive
+    after `wait` seconds."""
+    commands.put(None)
+    for p in processes:
+        p.join(timeout=wait)
+        if p.is_alive():
+            p.kill()
+
+
 def write_membership(annotations_file: str, epoch: int, world_size: int) -> None:
     """Write a downward-API style annotations file, atomically, as the kubelet would."""
     from weightsync.contract import EPOCH_ANNOTATION, WORLD_SIZE_ANNOTATION

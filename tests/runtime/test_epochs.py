@@ -7,6 +7,7 @@ import multiprocessing as mp
 
 from weightsync.runtime.testing import (
     digest,
+    end_on_command,
     group_envs,
     make_tensors,
     run_polling_receiver,
@@ -53,11 +54,7 @@ def test_a_scale_up_reforms_the_group_and_the_next_sync_reaches_the_new_member(t
         assert survivor["digests"] == {0: sent0["digest"], 1: sent1["digest"]}
         assert newcomer["digests"] == {0: sent1["digest"]}
     finally:
-        commands.put(None)
-        for p in (trainer, first):
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        end_on_command(commands, trainer, first)
 
 
 def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_keeps_one_waiting_thread() -> None:
@@ -80,8 +77,4 @@ def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_keeps_one_wait
         assert out[1]["timeouts"] >= 3
         assert out[1]["bell_threads"] <= 1, "every timed-out wait was resumed, not abandoned with a thread"
     finally:
-        commands.put(None)
-        for p in (trainer, engine):
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        end_on_command(commands, trainer, engine)

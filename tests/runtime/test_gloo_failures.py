@@ -90,7 +90,7 @@ def test_a_member_told_to_stop_while_waiting_leaves_at_once_and_is_named_to_the_
     import os
     import signal
 
-    from weightsync.runtime.testing import run_receiver, run_trainer_on_command
+    from weightsync.runtime.testing import end_on_command, run_receiver, run_trainer_on_command
 
     ctx = mp.get_context("spawn")
     results, commands = ctx.Queue(), ctx.Queue()
@@ -113,8 +113,4 @@ def test_a_member_told_to_stop_while_waiting_leaves_at_once_and_is_named_to_the_
         sent = results.get(timeout=TIMEOUT + SLACK)
         assert sent.get("error") == "PeerLostError" and "rank 1" in sent["message"], sent
     finally:
-        commands.put(None)
-        for p in (trainer, receiver):
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
+        end_on_command(commands, trainer, receiver, wait=20)
