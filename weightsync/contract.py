@@ -9,13 +9,18 @@ Pure pydantic: importable without torch or kopf.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+log = logging.getLogger("weightsync.contract")
 
 ENV_PREFIX = "WEIGHTSYNC_"
 
@@ -46,6 +51,57 @@ DEFAULT_BUFFER_BYTES = 1 << 30
 DEFAULT_NUM_BUFFERS = 2
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
+# The bounds of the env fields, the same as the CRD's bounds of the spec fields they are written from
+# (weightsync/api/models.py, which imports this module and so cannot be imported here; a unit test keeps
+# the two in step). A value the API server would refuse is refused here too, so a hand-set or stale
+# variable cannot make a member wait forever (WEIGHTSYNC_TIMEOUT_SECONDS=inf) or allocate without bound.
+#: spec.rendezvous.timeoutSeconds: 0 < t <= one day.
+MAX_TIMEOUT_SECONDS = 86400
+#: spec.transport.bufferSizeBytes: 64 KiB to 64 GiB.
+MIN_BUFFER_BYTES = 1 << 16
+MAX_BUFFER_BYTES = 1 << 36
+#: spec.transport.numBuffers: 1 to 8.
+MAX_NUM_BUFFERS = 8
+#: spec.inference.workersPerReplica: at most 64 workers (ranks) in one pod.
+MAX_LOCAL_WORLD_SIZE = 64
+#: 1 + spec.inference.replicas (at most 512) x spec.inference.workersPerReplica (at most 64).
+MAX_WORLD_SIZE = 1 + 512 * MAX_LOCAL_WORLD_SIZE
+
+#: `WEIGHTSYNC_*` variables that are not part of the member contract but are read by other parts of this
+#: project (exact names). `MemberEnv.from_env` warns about any other non-contract `WEIGHTSYNC_*` variable
+#: (most likely a misspelling), but not about these.
+OTHER_VARIABLES = frozenset(
+    {
+        # runtime/nccl.py: path of the libnccl.so the vLLM-protocol communicator loads.
+        "WEIGHTSYNC_NCCL_LIBRARY",
+        # operator/__main__.py: the operator process's own settings.
+        "WEIGHTSYNC_WATCH_NAMESPACES",
+        "WEIGHTSYNC_PEERING_PRIORITY",
+        "WEIGHTSYNC_LIVENESS_PORT",
+        "WEIGHTSYNC_METRICS_PORT",
+        "WEIGHTSYNC_RESYNC_SECONDS",
+        "WEIGHTSYNC_STANDALONE",
+        # operator/kube.py: test hook of tests/integration/test_operator.py (the operator exits mid-write).
+        "WEIGHTSYNC_TEST_CRASH_AFTER_WRITES",
+        # hack/venv.sh, hack/build-sandbox-bins.sh: the cache directory and the control-plane versions.
+        "WEIGHTSYNC_CACHE",
+        "WEIGHTSYNC_K8S_VERSION",
+        "WEIGHTSYNC_ETCD_VERSION",
+        "WEIGHTSYNC_HELM_VERSION",
+        # sandbox/paths.py: the checkout holding hack/ (for the sandbox's build script).
+        "WEIGHTSYNC_REPO_ROOT",
+        # tests/unit/test_docker.py: the hadolint binary.
+        "WEIGHTSYNC_HADOLINT",
+    }
+)
+#: Prefixes of further non-contract variables: the sandbox's settings (WEIGHTSYNC_SANDBOX_STATE, _BIN_DIR,
+#: _SUBNET, _NODE_*, _BACKOFF_*; sandbox/, hack/, tests/, examples/demo/).
+OTHER_PREFIXES = ("WEIGHTSYNC_SANDBOX_",)
+#: The annotations file is a few KiB; a larger one is refused rather than read whole (it is re-read often).
+MAX_ANNOTATIONS_BYTES = 1 << 20
+#: Annotations whose value must be a non-negative integer.
+INTEGER_ANNOTATIONS = (EPOCH_ANNOTATION, WORLD_SIZE_ANNOTATION)
+
 
 class ContractError(ValueError):
     """The environment does not hold a valid weightsync contract; the message names each bad variable."""
@@ -65,11 +121,15 @@ class MemberEnv(BaseModel):
     master_port: int = Field(
         default=DEFAULT_PORT, ge=1, le=65535, description="TCP port of the rendezvous store on the trainer."
     )
-    world_size: int = Field(ge=2, description="Ranks in the sync group: 1 + replicas x workersPerReplica.")
-    rank_offset: int = Field(
-        ge=0, description="Group rank of this pod's first worker; worker k of the pod is rank offset + k."
+    world_size: int = Field(
+        ge=2, le=MAX_WORLD_SIZE, description="Ranks in the sync group: 1 + replicas x workersPerReplica."
     )
-    local_world_size: int = Field(ge=1, description="Workers (GPUs, ranks) in this pod.")
+    rank_offset: int = Field(
+        ge=0,
+        le=MAX_WORLD_SIZE - 1,
+        description="Group rank of this pod's first worker; worker k of the pod is rank offset + k.",
+    )
+    local_world_size: int = Field(ge=1, le=MAX_LOCAL_WORLD_SIZE, description="Workers (GPUs, ranks) in this pod.")
     backend: Backend = Field(default="nccl", description="Communicator: `nccl` on GPUs, `gloo` on CPU.")
     protocol: Protocol = Field(
         default="weightsync",
@@ -77,13 +137,20 @@ class MemberEnv(BaseModel):
     )
     packed: bool = Field(default=True, description="Pack tensors into shared buffers instead of one per tensor.")
     buffer_bytes: int = Field(
-        default=DEFAULT_BUFFER_BYTES, ge=1 << 16, description="Size in bytes of each packing buffer."
+        default=DEFAULT_BUFFER_BYTES,
+        ge=MIN_BUFFER_BYTES,
+        le=MAX_BUFFER_BYTES,
+        description="Size in bytes of each packing buffer.",
     )
     num_buffers: int = Field(
-        default=DEFAULT_NUM_BUFFERS, ge=1, le=8, description="Packing buffers in flight at once."
+        default=DEFAULT_NUM_BUFFERS, ge=1, le=MAX_NUM_BUFFERS, description="Packing buffers in flight at once."
     )
     timeout_seconds: float = Field(
-        default=DEFAULT_TIMEOUT_SECONDS, gt=0, description="Bound on every wait: rendezvous, sync, ack."
+        default=DEFAULT_TIMEOUT_SECONDS,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="Bound in seconds on every wait: rendezvous, sync, ack.",
     )
     token: str = Field(
         min_length=16,
@@ -118,8 +185,13 @@ class MemberEnv(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MemberEnv:
-        """Read the contract from `environ` (default: os.environ); errors name each bad variable."""
+        """Read the contract from `environ` (default: os.environ); errors name each bad variable.
+
+        A `WEIGHTSYNC_*` variable that is neither in the contract nor one the project reads elsewhere
+        (`OTHER_VARIABLES`, `OTHER_PREFIXES`) is logged as a warning, once per process, with the closest
+        valid name: a misspelled variable would otherwise be ignored without a word."""
         environ = os.environ if environ is None else environ
+        _warn_unknown(environ)
         raw: dict[str, Any] = {}
         for field in cls.model_fields:
             value = environ.get(env_name(field))
@@ -129,7 +201,7 @@ class MemberEnv(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            raise ContractError(_describe(err)) from None
+            raise ContractError(_describe(err, environ)) from None
 
     def to_env(self) -> dict[str, str]:
         """The variables that carry this contract, as the operator writes them into a pod spec."""
@@ -150,7 +222,7 @@ class MemberEnv(BaseModel):
 
     def membership(self) -> tuple[int, int]:
         """(epoch, world size) as the operator last published them, read together from one file read;
-        the env's values until the annotations file exists."""
+        the env's values until the annotations file exists. A malformed file raises ContractError."""
         annotations = read_annotations(Path(self.annotations_file))
         epoch = int(annotations.get(EPOCH_ANNOTATION, self.epoch))
         world_size = int(annotations.get(WORLD_SIZE_ANNOTATION, self.world_size))
@@ -167,17 +239,48 @@ def reserved_env_names() -> frozenset[str]:
 
 
 def read_annotations(annotations_file: Path) -> dict[str, str]:
-    """Parse a downward-API annotations file (`key="value"` per line, values JSON-quoted); {} if absent."""
+    """Parse a downward-API annotations file (`key="value"` per line, values JSON-quoted); {} if absent
+    (before the kubelet has written the volume, or outside Kubernetes).
+
+    Raises ContractError naming the file (and the annotation key and value, where one is at fault) when
+    the file cannot be read, is larger than MAX_ANNOTATIONS_BYTES, holds a value that is not valid JSON,
+    or holds an epoch or world-size annotation that is not a non-negative integer."""
     try:
-        text = annotations_file.read_text()
+        with annotations_file.open("rb") as f:
+            data = f.read(MAX_ANNOTATIONS_BYTES + 1)
     except FileNotFoundError:
         return {}
-    out = {}
+    except OSError as err:
+        raise ContractError(f"annotations file {annotations_file}: cannot be read: {err}") from None
+    if len(data) > MAX_ANNOTATIONS_BYTES:
+        raise ContractError(
+            f"annotations file {annotations_file}: larger than {MAX_ANNOTATIONS_BYTES} bytes; "
+            "not a downward-API annotations file?"
+        )
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ContractError(f"annotations file {annotations_file}: not UTF-8 ({err})") from None
+    out: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep:
-            value = value.strip()
-            out[key.strip()] = json.loads(value) if value.startswith('"') else value
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if value.startswith('"'):
+            try:
+                value = str(json.loads(value))
+            except ValueError as err:
+                raise ContractError(
+                    f"annotations file {annotations_file}: annotation {key}: value {_clip(value)} is not a "
+                    f"JSON string ({err})"
+                ) from None
+        if key in INTEGER_ANNOTATIONS and not (value.isascii() and value.isdigit() and len(value) <= 18):
+            raise ContractError(
+                f"annotations file {annotations_file}: annotation {key}: value {_clip(value)} is not a "
+                "non-negative integer"
+            )
+        out[key] = value
     return out
 
 
@@ -186,14 +289,103 @@ def read_epoch(annotations_file: Path, default: int = 0) -> int:
     return int(read_annotations(annotations_file).get(EPOCH_ANNOTATION, default))
 
 
-def _describe(err: ValidationError) -> str:
+def _clip(value: object, limit: int = 80) -> str:
+    """repr of `value`, cut to about `limit` characters (a bad value is quoted in errors, never whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+#: The bounds a field's metadata can hold (annotated_types' Gt, Ge, ...), in words.
+_BOUND_WORDS = (
+    ("gt", "> {}"),
+    ("ge", ">= {}"),
+    ("lt", "< {}"),
+    ("le", "<= {}"),
+    ("min_length", "at least {} characters"),
+    ("max_length", "at most {} characters"),
+)
+
+
+def _bounds(field: FieldInfo) -> str:
+    """The allowed range of a field, in words (`> 0, <= 86400, finite`), or "" for an unbounded one."""
+    parts = []
+    for m in field.metadata:
+        if getattr(m, "min_length", None) == 1:
+            parts.append("non-empty")
+            continue
+        parts += [text.format(getattr(m, attr)) for attr, text in _BOUND_WORDS if getattr(m, attr, None) is not None]
+        if getattr(m, "allow_inf_nan", True) is False:  # pydantic's AllowInfNan
+            parts.append("finite")
+    return ", ".join(parts)
+
+
+def _describe(err: ValidationError, environ: Mapping[str, str] | None = None) -> str:
     problems = []
     for e in err.errors():
         loc = e["loc"]
-        where = env_name(str(loc[0])) if loc else "WEIGHTSYNC_* environment"
-        missing = e["type"] == "missing"
-        problems.append(f"{where}: {'not set' if missing else e['msg']}")
+        field = str(loc[0]) if loc else ""
+        info = MemberEnv.model_fields.get(field)
+        if info is None:
+            problems.append(f"WEIGHTSYNC_* environment: {e['msg']}")
+            continue
+        where = env_name(field)
+        if e["type"] == "missing":
+            near = _close_unknown(where, environ or {})
+            problems.append(f"{where}: not set" + (f" ({near} is set: a misspelling?)" if near else ""))
+            continue
+        detail = e["msg"]
+        if field != "token":  # a secret: never quoted
+            detail += f", got {_clip(environ.get(where) if environ else e['input'])}"
+        bounds = _bounds(info)
+        if bounds and info.annotation is not str:  # pydantic's own message already says a string's bound
+            detail += f" (allowed: {bounds})"
+        problems.append(f"{where}: {detail}")
     return "invalid weightsync environment: " + "; ".join(problems)
+
+
+def _closest(name: str) -> str | None:
+    """The valid variable `name` most likely misspells, if any: the same name in upper case, else the
+    closest by difflib (without the common prefix), else the one name holding all of its words
+    (`WEIGHTSYNC_PORT` -> `WEIGHTSYNC_MASTER_PORT`); contract variables before the others."""
+    upper = name.upper()
+    if upper in reserved_env_names() or upper in OTHER_VARIABLES:  # right name, wrong case
+        return upper
+    suffix = upper[len(ENV_PREFIX) :]
+    words = set(suffix.split("_")) - {""}
+    for names in (reserved_env_names(), OTHER_VARIABLES):
+        known = {n[len(ENV_PREFIX) :]: n for n in sorted(names)}
+        match = difflib.get_close_matches(suffix, list(known), n=1)
+        if match:
+            return known[match[0]]
+        holding = [n for k, n in known.items() if words and words <= set(k.split("_"))]
+        if len(holding) == 1:
+            return holding[0]
+    return None
+
+
+def _is_unknown(name: str) -> bool:
+    if not name.upper().startswith(ENV_PREFIX) or name in OTHER_VARIABLES or name.startswith(OTHER_PREFIXES):
+        return False
+    return name not in reserved_env_names()
+
+
+def _close_unknown(name: str, environ: Mapping[str, str]) -> str | None:
+    """An unknown variable set in `environ` that looks like a misspelling of the contract variable `name`."""
+    return next((n for n in sorted(environ) if _is_unknown(n) and _closest(n) == name), None)
+
+
+#: Unknown variables already warned about by this process (each is warned about once).
+_warned: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    for name in sorted(environ):
+        if name in _warned or not _is_unknown(name):
+            continue
+        _warned.add(name)
+        near = _closest(name)
+        hint = f" (did you mean {near}?)" if near else ""
+        log.warning("%s is not a weightsync variable%s; ignored", name, hint)
 
 
 def _describe_type(annotation: Any) -> str:
@@ -206,9 +398,9 @@ def _describe_type(annotation: Any) -> str:
 
 def markdown_table() -> str:
     """The env contract as a Markdown table, generated for docs/."""
-    rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| variable | type | default | bounds | meaning |", "|---|---|---|---|---|"]
     for name, field in MemberEnv.model_fields.items():
         default = "required" if field.is_required() else f"`{field.default!r}`"
         kind = _describe_type(field.annotation)
-        rows.append(f"| `{env_name(name)}` | {kind} | {default} | {field.description} |")
+        rows.append(f"| `{env_name(name)}` | {kind} | {default} | {_bounds(field)} | {field.description} |")
     return "\n".join(rows) + "\n"
