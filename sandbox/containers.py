@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import procs
+from weightsync.sandbox import containerlog, procs
 from weightsync.sandbox.paths import repo_root
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
@@ -24,10 +24,11 @@ UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 
 @dataclass
 class Process:
-    """A running container: its Popen handle, when it started, where its output goes."""
+    """A running container: its Popen handle, when it started, the pump writing its output to its log."""
 
     popen: subprocess.Popen[bytes]
     started_wall: float
+    output: containerlog.Capture
 
     @property
     def pid(self) -> int:
@@ -43,9 +44,12 @@ class Process:
             procs.kill_group(pid, sig)
 
     def kill(self) -> None:
+        """Kills what is left of the container and waits until its output is in its log (the container's
+        status says it ended only then, so `kubectl logs` of an ended container has all of it)."""
         self.signal_tree(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
+        self.output.wait()  # False: a process that left the container's tree still holds its stdout
 
 
 def keep_visible() -> list[str]:
@@ -90,19 +94,22 @@ def start(
         str(LAUNCHER),
         str(spec_file),
     ]
-    with open(log_file, "ab") as log:
+    with open(log_file, "ab") as log:  # one write: the pump of an earlier run may still append records
         command = " ".join(argv).replace("\n", "\\n")  # one line: kubectl logs splits runs on it
         log.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {command}\n".encode())
-        log.flush()
+    output = containerlog.capture(log_file)  # stdout and stderr: a pipe each, read into the log by a pump
+    try:
         popen = subprocess.Popen(
             cmd,
             env=dict(env),
             cwd="/",
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=output.stdout,
+            stderr=output.stderr,
             start_new_session=True,
         )
+    finally:
+        output.started()  # only the container holds the write ends now (or nobody: the pump ends)
     # down() finds containers through these files even when the agent is gone (hostNetwork pods have no netns)
     spec_file.with_suffix(".pid").write_text(f"{popen.pid} {procs.start_time(popen.pid)}\n")
-    return Process(popen, time.time())
+    return Process(popen, time.time(), output)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import certs, network, procs
+from weightsync.sandbox import certs, containerlog, network, procs
 from weightsync.sandbox.components import (
     AUDIT_POLICY,
     Layout,
@@ -109,12 +109,16 @@ class Sandbox:
         return f"https://{self.net.gateway}:{ports.apiserver}"
 
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
-        """A container's output (all its runs) as the node agent recorded it; '' before it ran.
+        """A container's output (all its runs, each after its `==== <time> <command>` line), in whole lines
+        (those of its stdout and stderr in the order the node agent read them), as the agent recorded it; ''
+        before it ran.
 
         Of several pods by that name (a pod deleted and created again), the latest one's."""
         logs = self.layout.pods.glob(f"{namespace}_{pod}_*/logs/{container}.log")
         found = sorted(logs, key=lambda p: p.stat().st_ctime)
-        return found[-1].read_text(errors="replace") if found else ""
+        if not found:
+            return ""
+        return "".join(containerlog.plain_text(containerlog.read_events(found[-1].read_bytes(), complete=False)))
 
     def exec_in_pod(
         self, namespace: str, pod: str, *argv: str, container: str | None = None, timeout: float = 60

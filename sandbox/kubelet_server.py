@@ -3,34 +3,37 @@
 The API server proxies pods/log here (node InternalIP, daemonEndpoints.kubeletEndpoint.Port). Clients must
 present a certificate from the sandbox's CA (the API server does); the server presents the API server's
 certificate, whose SANs include the bridge address.
+
+It serves whole lines only (containerlog.py), with `previous`, `follow`, `tailLines`, `timestamps`,
+`sinceSeconds` and `sinceTime`, as a kubelet does.
 """
 
 from __future__ import annotations
 
-import re
 import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HEADER = re.compile(r"==== \d{4}-\d\d-\d\dT")  # the line the agent writes before each start
-NEXT_RUN = re.compile(rb"\n==== \d{4}-\d\d-\d\dT")
+from weightsync.sandbox.containerlog import Line, LogReader, RunStart, read_events, runs, timestamp
+
 FOLLOW_POLL_S = 0.2
 
 
-def current_run(text: str, previous: bool) -> str:
-    """The output of the container's latest run (or the one before) from its log, which marks each start."""
-    runs: list[list[str]] = []
-    for line in text.splitlines(keepends=True):
-        if HEADER.match(line):
-            runs.append([])
-        elif runs:
-            runs[-1].append(line)
+def run_lines(events: Sequence[Line | RunStart], previous: bool) -> list[Line]:
+    """The lines of the container's latest run (or the one before) from its log, which marks each start."""
+    found = runs(events)
     wanted = -2 if previous else -1
-    return "".join(runs[wanted]) if len(runs) >= -wanted else ""
+    return found[wanted] if len(found) >= -wanted else []
+
+
+def current_run(text: str, previous: bool) -> str:
+    """run_lines of a whole log, as text."""
+    return "".join(line.render() for line in run_lines(read_events(text.encode(), complete=True), previous))
 
 
 def tail(text: str, lines: int | None) -> str:
@@ -38,6 +41,17 @@ def tail(text: str, lines: int | None) -> str:
         return text
     kept = text.splitlines(keepends=True)
     return "".join(kept[-lines:]) if lines > 0 else ""
+
+
+def since(query: dict[str, list[str]], now_ns: int | None = None) -> str | None:
+    """The earliest timestamp `sinceSeconds` or `sinceTime` asks for, in the log's format; None: all of it."""
+    if "sinceSeconds" in query:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return timestamp(now_ns - int(query["sinceSeconds"][0]) * 1_000_000_000)
+    if "sinceTime" in query:
+        moment = datetime.fromisoformat(query["sinceTime"][0]).astimezone(UTC)
+        return timestamp(int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000)
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -62,24 +76,53 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, f"no log for container {container!r} of pod {namespace}/{pod} on this node")
             return
         previous = query.get("previous", ["false"])[0] == "true"
-        lines = int(query["tailLines"][0]) if "tailLines" in query else None
-        text = log.read_text(errors="replace")
+        follow = query.get("follow", ["false"])[0] == "true" and not previous
+        timestamps = query.get("timestamps", ["false"])[0] == "true"
+        try:
+            lines = int(query["tailLines"][0]) if "tailLines" in query else None
+            earliest = since(query)
+        except ValueError as err:
+            self._send(400, f"bad query: {err}")
+            return
+        # Whole lines only: a record the pump is appending, or the first parts of a long line, wait until
+        # they are complete (or the container has ended: then nothing more comes).
+        running = self.server.running(namespace, pod, container)
+        reader = LogReader()
+        with open(log, "rb") as f:
+            data = f.read()
+        offset = len(data)
+        events = reader.feed(data)
+        if not running:
+            events += reader.finish()
+        selected = run_lines(events, previous)
+        if earliest is not None:
+            selected = [line for line in selected if line.time >= earliest]
+        if lines is not None:
+            selected = selected[-lines:] if lines > 0 else []
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
-        self.wfile.write(tail(current_run(text, previous), lines).encode())
-        if query.get("follow", ["false"])[0] != "true" or previous:
+        self.wfile.write("".join(line.render(timestamps) for line in selected).encode())
+        if not follow:
             return
-        offset = len(text.encode())
         while True:  # until this run of the container ends, as a kubelet's follow does
             running = self.server.running(namespace, pod, container)
             with open(log, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
             offset += len(chunk)
-            restarted = NEXT_RUN.search(chunk)
+            events = reader.feed(chunk)
+            if not running:
+                events += reader.finish()
+            out: list[str] = []
+            restarted = False
+            for event in events:
+                if isinstance(event, RunStart):
+                    restarted = True
+                    break
+                out.append(event.render(timestamps))
             try:
-                self.wfile.write(chunk[: restarted.start() + 1] if restarted else chunk)
+                self.wfile.write("".join(out).encode())
                 self.wfile.flush()
             except OSError:
                 return

@@ -17,6 +17,9 @@ values for one version prove this worker holds the trainer's weights and gives t
 
 Even local ranks receive straight into their parameters (`receive(into=...)`); odd ones go through a
 loader callback taking batches of (name, tensor), the way vLLM's `load_weights` does.
+
+The workers share the pod's log, so each gets its own stdout and stderr, which this process relays to the
+container's line by line (demo_log.py): two workers' lines never become one line of the log.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterable
 
+import demo_log
 import torch
 from demo_model import build_model, checksum, probe
 from weightsync.runtime import PeerLostError, RendezvousError, WeightReceiver, WeightSyncError
@@ -63,7 +67,7 @@ def run_worker(local_rank: int) -> int:
     name = f"inference {socket.gethostname()} worker {local_rank} rank {receiver.rank}"
 
     def log(message: str) -> None:
-        print(f"[{name} {time.strftime('%H:%M:%S')}] {message}", flush=True)
+        demo_log.emit(f"[{name} {time.strftime('%H:%M:%S')}] {message}")  # one write call per line
 
     model = build_model(seed=1000 + receiver.rank)
     state = model.state_dict()  # tensors sharing storage with the parameters and buffers
@@ -103,8 +107,12 @@ def run_worker(local_rank: int) -> int:
 def run_pod() -> int:
     """Start one worker per local rank; when one ends, stop the others and end with its exit code."""
     workers = MemberEnv.from_env().local_world_size
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(k)])
-             for k in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
+    relays = []
+    for k in range(workers):  # each with its own stdout and stderr, relayed here in whole lines
+        proc, threads = demo_log.spawn([sys.executable, os.path.abspath(__file__), "--worker", str(k)])
+        procs.append(proc)
+        relays += threads
 
     terminating = False
 
@@ -122,8 +130,8 @@ def run_pod() -> int:
     pid, status = os.wait()  # the first worker to end decides the pod's fate
     code = os.waitstatus_to_exitcode(status)
     ended = next(k for k, p in enumerate(procs) if p.pid == pid)
-    print(f"[inference {socket.gethostname()}] worker {ended} ended with exit code {code}; stopping the others",
-          flush=True)
+    demo_log.emit(f"[inference {socket.gethostname()}] worker {ended} ended with exit code {code}; "
+                  "stopping the others")
     stop_workers()
     for p in procs:
         if p.pid != pid:
@@ -131,6 +139,7 @@ def run_pod() -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+    demo_log.drain(relays)  # the workers' last lines reach the log before the pod ends
     if terminating:
         return 0
     return code if code != 0 else 1  # a worker never ends on its own while the group lives

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,25 @@ def fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
+#: Where a line of the demo's programs starts: `[trainer 00:24:31] ` or `[inference <pod> worker 0 rank 3 00:24:31] `.
+RECORD_START = re.compile(r"\[(?:trainer|inference) [^\[\]]*\] ")
+
+
+def records(log: str) -> Iterator[str]:
+    """The demo programs' lines in a log, one at a time, also where two of them are in one line of the log.
+
+    The programs write each line with one write call (demo_log.py), so the runtime logs it whole; but a line
+    written in pieces by one process (print under PYTHONUNBUFFERED=1: the text, then its newline) can take
+    another process's line into it, in any container runtime: `...transport=gloo/tcp[inference ...] loaded
+    v=3 ...`. Cut there, each of the two is still read (and counted for its own worker)."""
+    for line in log.splitlines():
+        starts = [m.start() for m in RECORD_START.finditer(line)]
+        if not starts or starts[0] != 0:
+            starts.insert(0, 0)
+        for start, end in itertools.pairwise([*starts, len(line)]):
+            yield line[start:end]
+
+
 @dataclass(frozen=True)
 class Sent:
     """One sync as the trainer logged it (`sync v=...`)."""
@@ -113,24 +133,30 @@ class Loaded:
         return self.version, self.epoch
 
 
+SENT_KEYS = ("v", "epoch", "checksum", "output", "acked")
+LOADED_KEYS = ("v", "epoch", "rank", "checksum", "output")
+
+
 def parse_trainer(log: str, pod_uid: str) -> list[Sent]:
     out = []
-    for line in log.splitlines():
+    for line in records(log):
         # Only completed syncs: "sync v=2 failed (attempt 1/5): ..." lines carry no epoch or checksum.
         if re.search(r"\] sync v=\d+ epoch=", line):
             f = fields(line)
-            out.append(Sent(pod_uid, int(f["v"]), int(f["epoch"]), f["checksum"], f["output"], int(f["acked"]),
-                            line))
+            if all(k in f for k in SENT_KEYS):  # else not a whole line: it proves nothing
+                out.append(Sent(pod_uid, int(f["v"]), int(f["epoch"]), f["checksum"], f["output"],
+                                int(f["acked"]), line))
     return out
 
 
 def parse_inference(log: str, pod: str, pod_uid: str) -> list[Loaded]:
     out = []
-    for line in log.splitlines():
+    for line in records(log):
         if "] loaded v=" in line:
             f = fields(line)
-            out.append(Loaded(pod, pod_uid, int(f["rank"]), int(f["v"]), int(f["epoch"]), f["checksum"],
-                              f["output"], line))
+            if all(k in f for k in LOADED_KEYS):
+                out.append(Loaded(pod, pod_uid, int(f["rank"]), int(f["v"]), int(f["epoch"]), f["checksum"],
+                                  f["output"], line))
     return out
 
 
@@ -313,8 +339,9 @@ def follow(watcher: GroupWatcher, steps: int, timeout: float) -> None:
                     f"loss {f['loss']}")
                 shown_sent.add(s.key)
             if v.complete and s.key not in shown_verified:
-                say(f"v{s.version}: verified on {len(v.matched)}/{s.acked} workers (ranks "
-                    f"{','.join(str(x.rank) for x in sorted(v.matched, key=lambda x: x.rank))}): checksum "
+                ranks = sorted({x.rank for x in v.matched})
+                say(f"v{s.version}: verified on {len(ranks)}/{s.acked} workers (ranks "
+                    f"{','.join(str(r) for r in ranks)}): checksum "
                     f"{s.checksum} and output {s.output} equal the trainer's")
                 shown_verified.add(s.key)
         bad = watcher.mismatches()

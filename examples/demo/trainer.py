@@ -33,6 +33,7 @@ import sys
 import time
 import zlib
 
+import demo_log
 import torch
 from demo_model import build_model, checksum, probe, train_step
 from weightsync.runtime import PeerLostError, RendezvousError, SyncReport, WeightSender
@@ -43,7 +44,7 @@ MAX_ATTEMPTS = 5
 
 
 def log(message: str) -> None:
-    print(f"[trainer {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    demo_log.emit(f"[trainer {time.strftime('%H:%M:%S')}] {message}")  # one write call per line
 
 
 _stopping = False
