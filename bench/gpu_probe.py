@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from weightsync.runtime import copies, nccl, transfer
-from weightsync.runtime.plan import make_plan
+from weightsync.runtime.packing import make_plan
+from weightsync.runtime.settings import NcclTuning
 from weightsync.runtime.transfer import Buffers, send_chunks, spec_of
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -40,10 +41,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def plan_and_views(params: dict[str, torch.Tensor], buffer_bytes: int = GiB) -> tuple[Any, Any, Buffers]:
+def plan_and_views(params: dict[str, torch.Tensor], buffer_bytes: int = GiB,
+                   copy_programs: int | None = 32) -> tuple[Any, Any, Buffers]:
     specs = [spec_of(n, t) for n, t in params.items()]
     plan = make_plan(specs, buffer_bytes)
-    buffers = Buffers()
+    buffers = Buffers(copy_programs)
     views = buffers.prepare(plan, specs, "probe", 2, DEVICE)
     return plan, views, buffers
 
@@ -82,22 +84,22 @@ def pack_costs(set_name: str, params: dict[str, torch.Tensor]) -> dict[str, Any]
 
 def trainer_alone(set_name: str, params: dict[str, torch.Tensor], copy_programs: int | None) -> dict[str, Any]:
     """The real send_chunks on a one-rank communicator: host timings and the GPU timeline."""
-    copies.COPY_PROGRAMS = copy_programs
-    tuning = nccl.TUNING
-    comm = nccl.NcclCommunicator(nccl.new_unique_id(), 0, 1, DEVICE, lambda: None)
-    plan, views, buffers = plan_and_views(params)
+    tuning = NcclTuning()
+    comm = nccl.NcclCommunicator(nccl.new_unique_id(), 0, 1, DEVICE, lambda: None, tuning)
+    plan, views, buffers = plan_and_views(params, copy_programs=copy_programs)
     sources = list(params.values())
     runs = []
+    timeline_object: transfer.Timeline | None = None
     for i in range(4):
-        transfer.TIMELINE = transfer.Timeline() if i == 3 else None
+        recording = transfer.Timeline() if i == 3 else None
+        timeline_object = recording if recording is not None else timeline_object
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        first, enqueued = send_chunks(comm, plan, sources, views, buffers, lambda: None)
+        first, enqueued = send_chunks(comm, plan, sources, views, buffers, lambda: None, recording)
         total = time.perf_counter() - t0
         runs.append({"first_byte_ms": 1e3 * (first - t0), "enqueue_ms": 1e3 * (enqueued - t0),
                      "total_ms": 1e3 * total})
-    timeline = transfer.TIMELINE.rows() if transfer.TIMELINE is not None else []
-    transfer.TIMELINE = None
+    timeline = timeline_object.rows() if timeline_object is not None else []
     comm.close()
     packs = [r["end_ms"] - r["start_ms"] for r in timeline if r["what"] == "pack"]
     row = {"tuning": tuning.__dict__, "copy_programs": copy_programs, "runs": runs[1:], "timeline": timeline,
@@ -133,8 +135,7 @@ def contention(set_name: str, params: dict[str, torch.Tensor], ctas: int, high_p
     plan, views, buffers = plan_and_views(params)
     dests = list(params.values())
     packed = [i for i, c in enumerate(plan.chunks) if c.kind == "packed"][:12]
-    copies.COPY_PROGRAMS = unpack_programs
-    bounded = copies.BoundedCopies()
+    bounded = copies.BoundedCopies(unpack_programs)
 
     def unpack(ci: int) -> None:
         targets = [dests[sl.index] for sl in plan.chunks[ci].slots]
@@ -200,8 +201,7 @@ def check_bounded_copy(params: dict[str, torch.Tensor]) -> bool:
     plan, views, _ = plan_and_views(params)
     ci = next(i for i, c in enumerate(plan.chunks) if c.kind == "packed")
     sources = [list(params.values())[sl.index] for sl in plan.chunks[ci].slots]
-    copies.COPY_PROGRAMS = 16
-    bounded = copies.BoundedCopies()
+    bounded = copies.BoundedCopies(16)
     bounded.copy(("pack", ci), views[ci], sources, bounded=True)
     ok = bounded.kernel_copies == 1 and all(torch.equal(v, s) for v, s in zip(views[ci], sources, strict=True))
     log(f"bounded copy kernel bit-exact on chunk {ci} ({len(sources)} tensors): {ok}")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from weightsync.runtime import WeightReceiver, WeightSender
-from weightsync.runtime.testing import group_envs
+from weightsync.runtime.local import group_envs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sync_bench import SETS, GiB, nbytes

@@ -18,6 +18,7 @@ peak memory overhead and the time to first byte.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -30,9 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from weightsync.runtime import WeightReceiver, WeightSender, copies, nccl, transfer
-from weightsync.runtime.nccl import NcclCommunicator, NcclTuning, new_unique_id
-from weightsync.runtime.testing import free_port, group_envs
+from weightsync.runtime import WeightReceiver, WeightSender, transfer
+from weightsync.runtime.local import free_port, group_envs
+from weightsync.runtime.nccl import NcclCommunicator, new_unique_id
+from weightsync.runtime.settings import NcclTuning, RuntimeSettings
 from weightsync.runtime.transfer import checksum
 
 GiB = 1 << 30
@@ -195,14 +197,16 @@ def config_label(cfg: dict[str, Any]) -> str:
     return f"weightsync {cfg['buffer_bytes'] >> 20} MiB x{cfg['num_buffers']}, {copy}{extra}"
 
 
-def record_timeline(fn: Any, rank: int, world: int) -> list[list[dict[str, Any]]]:
+def record_timeline(fn: Any, endpoint: Any, rank: int, world: int) -> list[list[dict[str, Any]]]:
     """One more sync with the GPU timeline on; every rank's spans (ms from its own first mark)."""
-    transfer.TIMELINE = transfer.Timeline()
+    timeline = transfer.Timeline()
+    plain = endpoint.settings
+    endpoint.settings = dataclasses.replace(plain, timeline=timeline)
     barrier(torch.device("cuda", rank))
     fn(time.perf_counter())
     torch.cuda.synchronize()
-    rows = transfer.TIMELINE.rows()
-    transfer.TIMELINE = None
+    endpoint.settings = plain
+    rows = timeline.rows()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
     return gathered
@@ -273,15 +277,15 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
         for i, cfg in enumerate(configs):
             env = envs[i][0 if rank == 0 else rank]
             label = config_label(cfg)
-            copies.COPY_PROGRAMS = cfg["copy_programs"]
-            nccl.TUNING = NcclTuning(cfg["high_priority"], *cfg["ctas"])
+            settings = RuntimeSettings(direct_threshold=cfg["direct"], copy_programs=cfg["copy_programs"],
+                                       nccl=NcclTuning(cfg["high_priority"], *cfg["ctas"]))
             env = env.model_copy(update={"buffer_bytes": cfg["buffer_bytes"], "num_buffers": cfg["num_buffers"]})
             timings: list[dict[str, float]] = []
             if rank != 0:
                 for t in params.values():
                     t.zero_()  # the baselines delivered the same data: weightsync must deliver it again
             if rank == 0:
-                endpoint: Any = WeightSender(env, device=device, direct_threshold=cfg["direct"], report_to_pod=False)
+                endpoint: Any = WeightSender(env, device=device, settings=settings, report_to_pod=False)
                 items = list(params.items())
 
                 def fn(t0: float, endpoint: Any = endpoint, items: Any = items, timings: Any = timings) -> float:
@@ -289,7 +293,7 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
                     timings.append(endpoint.last_timings)
                     return t0 + endpoint.last_timings["first_byte_seconds"]
             else:
-                endpoint = WeightReceiver(env, device=device)
+                endpoint = WeightReceiver(env, device=device, settings=settings)
 
                 def fn(t0: float, endpoint: Any = endpoint, params: Any = params) -> float:
                     endpoint.receive(into=params)
@@ -303,7 +307,7 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
                 row["trainer_layout_check_ms"] = 1e3 * statistics.median(t["layout_seconds"] for t in timings[1:])
                 row["buffer_bytes_allocated"] = timings[-1]["buffer_bytes_allocated"]
             if timeline:
-                row["timeline"] = record_timeline(fn, rank, world)
+                row["timeline"] = record_timeline(fn, endpoint, rank, world)
                 if rank == 0:
                     for line in timeline_summary(row["timeline"]):
                         log("    " + line)
@@ -343,7 +347,8 @@ def member(rank: int, world: int, job_port: int, envs: list[Any], sets: list[str
 def parse_config(spec: str) -> dict[str, Any]:
     buf, count, direct, *options = spec.split(":")
     cfg: dict[str, Any] = {"buffer_bytes": int(buf) << 20, "num_buffers": int(count), "direct": int(direct) << 20,
-                           "copy_programs": copies.COPY_PROGRAMS, "high_priority": False, "ctas": (None, None)}
+                           "copy_programs": RuntimeSettings().copy_programs, "high_priority": False,
+                           "ctas": (None, None)}
     for option in options:
         key, _, value = option.partition("=")
         if key == "copy":

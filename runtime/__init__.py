@@ -14,18 +14,23 @@ from weightsync.runtime.errors import (
     ConfigMismatchError,
     PeerLostError,
     RendezvousError,
+    TamperedValueError,
     WeightSyncError,
 )
 from weightsync.runtime.receiver import WeightReceiver
 from weightsync.runtime.report import SyncReport
 from weightsync.runtime.sender import WeightSender
+from weightsync.runtime.settings import NcclTuning, RuntimeSettings
 
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
+    "NcclTuning",
     "PeerLostError",
     "RendezvousError",
+    "RuntimeSettings",
     "SyncReport",
+    "TamperedValueError",
     "WeightReceiver",
     "WeightSender",
     "WeightSyncError",

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from weightsync.runtime.errors import WeightSyncError
+from weightsync.runtime.errors import TransportError
 
 #: Called while waiting; raises (PeerLostError, TimeoutError) to stop the wait.
 Check = Callable[[], None]
@@ -47,14 +47,16 @@ class Communicator(Protocol):
 
 
 class _WorkFence:
-    def __init__(self, work: dist.Work | None) -> None:
-        self.work = work
+    """Done when every work it covers is: gloo completes the works of one group out of order."""
+
+    def __init__(self, works: list[dist.Work]) -> None:
+        self.works = works
 
     def query(self) -> bool:
-        return self.work is None or bool(self.work.is_completed())
+        return all(w.is_completed() for w in self.works)
 
 
-def host_wait(fence: Fence | None, check: Check, on_error: Callable[[], None] | None = None) -> None:
+def host_wait(fence: Fence | None, check: Check) -> None:
     """Poll `fence` until done, running `check` between polls (it raises on a dead peer or a timeout)."""
     if fence is None:
         return
@@ -63,13 +65,12 @@ def host_wait(fence: Fence | None, check: Check, on_error: Callable[[], None] | 
         check()
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
-    if isinstance(fence, _WorkFence) and fence.work is not None:
+    if isinstance(fence, _WorkFence):
         try:
-            fence.work.wait()  # surfaces an error the work finished with
+            for work in fence.works:
+                work.wait()  # surfaces an error the work finished with
         except RuntimeError as err:
-            if on_error is not None:
-                on_error()
-            raise WeightSyncError(f"gloo broadcast failed: {err}") from err
+            raise TransportError(f"gloo broadcast failed: {err}") from err
 
 
 class GlooCommunicator:
@@ -83,8 +84,7 @@ class GlooCommunicator:
         self.device = torch.device("cpu")
         # Typed loosely: torch's stubs omit the collectives that ProcessGroupGloo inherits at run time.
         self._pg: Any = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout))
-        self._last: dist.Work | None = None
-        self._check_on_error: Check | None = None
+        self._pending: list[dist.Work] = []  # works not yet seen complete
 
     def start(self) -> None:
         return None
@@ -94,19 +94,31 @@ class GlooCommunicator:
             return
         opts = dist.BroadcastOptions()
         opts.rootRank = root
-        self._last = self._pg.broadcast([tensor], opts)
+        self._pending.append(self._pg.broadcast([tensor], opts))
 
     def comm_fence(self) -> Fence:
-        return _WorkFence(self._last)
+        """Covers every broadcast issued so far: a fence over only the last one would let a reader see a
+        tensor whose bytes have not all arrived (gloo's works of one batch finish in any order)."""
+        pending = []
+        for work in self._pending:
+            if not work.is_completed():
+                pending.append(work)
+                continue
+            try:
+                work.wait()  # returns at once; raises if it failed
+            except RuntimeError as err:
+                raise TransportError(f"gloo broadcast failed: {err}") from err
+        self._pending = pending
+        return _WorkFence(list(pending))
 
     def compute_fence(self) -> Fence | None:
         return None  # compute on the host is synchronous
 
     def comm_wait(self, fence: Fence | None) -> None:
-        return None  # gloo runs its works in order; host compute already happened
+        return None  # host compute (packing) already happened when a broadcast is issued
 
     def compute_wait(self, fence: Fence | None, check: Check) -> None:
-        host_wait(fence, check, on_error=check)
+        host_wait(fence, check)
 
     @contextlib.contextmanager
     def compute_lane(self) -> Iterator[None]:
@@ -117,7 +129,7 @@ class GlooCommunicator:
         yield  # gloo runs works one by one
 
     def finish(self, check: Check) -> None:
-        host_wait(self.comm_fence(), check, on_error=check)
+        host_wait(self.comm_fence(), check)
 
     def abort(self) -> None:
         # gloo works cannot be cancelled: destroying (or aborting) the group joins worker threads that sit

@@ -22,10 +22,6 @@ import torch
 
 log = logging.getLogger("weightsync.runtime")
 
-#: Programs (thread blocks) of the bounded copy; None: every copy runs at full speed (foreach_copy_).
-#: A knob for the benchmark's sweep (bench/sync_bench.py), not a setting of the env contract.
-COPY_PROGRAMS: int | None = 32
-
 _WORD = 4  # bytes per element the kernel moves
 _BLOCK = 4096  # words per program and step
 _MAX_BYTES = 1 << 31  # larger tensors (only in packed chunks of buffers over 2 GiB) go through torch's copy
@@ -81,7 +77,10 @@ class _Table:
 class BoundedCopies:
     """Per chunk and direction, the GPU pointer table of a bounded copy, rebuilt when an address changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, programs: int | None = 32) -> None:
+        #: Programs (thread blocks) of the bounded copy (RuntimeSettings.copy_programs); None: every copy runs
+        #: at full speed (foreach_copy_).
+        self.programs = programs
         self._tables: dict[tuple[str, int], _Table] = {}
         self._signature = ""
         #: Chunks this object copied with the bounded kernel (tensors it cannot take go through torch's copy).
@@ -95,8 +94,8 @@ class BoundedCopies:
 
     def copy(self, key: tuple[str, int], destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
              bounded: bool) -> None:
-        """destinations[i].copy_(sources[i]) for all i; on COPY_PROGRAMS blocks when `bounded` and possible."""
-        programs = COPY_PROGRAMS
+        """destinations[i].copy_(sources[i]) for all i; on `programs` blocks when `bounded` and possible."""
+        programs = self.programs
         kernel = _load_kernel() if bounded and programs is not None and destinations and \
             destinations[0].device.type == "cuda" else None
         table = self._table(key, destinations, sources) if kernel else None

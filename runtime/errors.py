@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class WeightSyncError(RuntimeError):
-    """Base class of every weightsync runtime error."""
+    """Base class of every weightsync runtime error.
+
+    On a receiver, an error of a sync whose data had started to arrive carries `abandoned_version` (the
+    version it was receiving, which it does not hold) and `incomplete` (True when `into=` destinations were
+    partly overwritten: they hold a mix of versions and stay marked incomplete until the next complete sync).
+    """
+
+    abandoned_version: int | None = None
+    incomplete: bool = False
 
 
 class RendezvousError(WeightSyncError):
@@ -23,9 +31,26 @@ class PeerLostError(WeightSyncError):
         self.ranks = ranks
 
 
+class TransportError(WeightSyncError):
+    """The communicator failed (a gloo socket reset, an NCCL error); the group names the member at fault
+    in a PeerLostError when it can tell who it is."""
+
+
 class ConfigMismatchError(WeightSyncError):
     """Members disagree on the configuration or the tensors; raised on every member before data moves."""
 
 
 class ChecksumError(WeightSyncError):
     """A received tensor's checksum differs from the trainer's."""
+
+
+class TamperedValueError(WeightSyncError):
+    """A store value failed authentication: it was not written by a member of this group for this key.
+
+    Never acted on; the key is named so that the cause (a rogue client, a member of another group or epoch
+    with the same store) can be found."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"store value {key!r} was refused: {reason}")
+        self.key = key
+

@@ -1,30 +1,44 @@
-"""The sync group of one member: rendezvous, communicator, epochs and the per-sync handshakes.
+"""The sync group of one member: it forms, re-forms and hands out rounds; handshake.py says what a round does.
 
-A group lives for one epoch. The operator bumps the epoch (a pod annotation, projected into a file) when a
-member fails or the membership changes; members notice the change at their next send or receive and form
-the group again at the new epoch, under a fresh key prefix, without restarting the process.
+A group lives for one formation. Formations are numbered inside an epoch:
+- the operator bumps the epoch (a pod annotation, projected into a file) when a member pod fails or the
+  membership changes; members notice at their next send or receive, or while they wait, and form again at
+  formation 0 of the new epoch;
+- inside an epoch the members heal by themselves: when a sync fails while every process lives on (a member
+  was stopped past the threshold, too busy to take part, briefly cut off), the trainer announces the next
+  formation at once and every member re-joins it at its next send or receive, without restarting anything.
+
+Every value is sealed (sealing.py) on an authenticated store (store.py) that the trainer hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, Self
 
 import torch
-import torch.distributed as dist
-from weightsync.runtime.comm import Check, Communicator, GlooCommunicator
+from weightsync.runtime.comm import Communicator, GlooCommunicator
 from weightsync.runtime.errors import (
     ConfigMismatchError,
     PeerLostError,
     RendezvousError,
+    TamperedValueError,
+    TransportError,
     WeightSyncError,
 )
+from weightsync.runtime.handshake import FORMATION, Check, FormationKeys, ReceiverRound, TrainerRound
+from weightsync.runtime.keystore import KeyStore, group_prefix
+from weightsync.runtime.liveness import Liveness
 from weightsync.runtime.manifest import TransferConfig
-from weightsync.runtime.rendezvous import BellWaiter, KeyStore, Liveness, connect_store, key_prefix
+from weightsync.runtime.sealing import Sealer
+from weightsync.runtime.settings import RuntimeSettings
+from weightsync.runtime.store import StoreAuthError, StoreClient, StoreServer, StoreUnreachable
 from weightsync.runtime.transfer import Buffers
 
 from weightsync.contract import TRAINER_RANK, MemberEnv
@@ -34,9 +48,13 @@ log = logging.getLogger("weightsync.runtime")
 _CHECK_EVERY = 0.1  # seconds between liveness look-ups while a wait polls
 
 
+class _Moved(Exception):
+    """The epoch or the formation moved on while this member formed or waited: form again."""
+
+
 class SyncGroup:
     def __init__(self, env: MemberEnv, local_rank: int = 0, device: torch.device | str | None = None,
-                 heartbeat_interval: float = 0.5, dead_after: float | None = None) -> None:
+                 settings: RuntimeSettings | None = None) -> None:
         if not 0 <= local_rank < env.local_world_size:
             raise ValueError(f"local_rank {local_rank} is outside this pod's "
                              f"WEIGHTSYNC_LOCAL_WORLD_SIZE={env.local_world_size}")
@@ -44,26 +62,33 @@ class SyncGroup:
             raise ValueError(f"WEIGHTSYNC_PROTOCOL={env.protocol!r} is not implemented by this runtime yet; "
                              "use 'weightsync'")
         self.env = env
+        self.settings = settings or RuntimeSettings()
         self.rank = env.rank_offset + local_rank
         self.local_rank = local_rank
         self.is_trainer = self.rank == TRAINER_RANK
         self.timeout = env.timeout_seconds
-        self.heartbeat_interval = heartbeat_interval
-        self.dead_after = dead_after if dead_after is not None else min(max(10 * heartbeat_interval, 3.0),
-                                                                         env.timeout_seconds)
+        self.dead_after = self.settings.dead_after_for(self.timeout)
         self.transfer = TransferConfig(env.protocol, env.packed, env.buffer_bytes, env.num_buffers, env.checksums)
         self.device = self._pick_device(device)
+        self._sealer = Sealer(env.token)
+        self._root = group_prefix(env.namespace, env.name, env.token)
         self.epoch: int | None = None
+        self.formation = 0
         self.world_size = env.world_size  # as published by the operator at the current epoch
-        self.broken_epoch: int | None = None
+        self.broken: tuple[int, int] | None = None  # (epoch, formation) that failed here
+        self._abort_pending: dict[str, Any] | None = None  # an abort this member could not post yet
         self.comm: Communicator | None = None
         self.keys: KeyStore | None = None
+        self.fkeys = FormationKeys(0)
         self.liveness: Liveness | None = None
-        self.bell: BellWaiter | None = None  # receivers: the idle wait for the next sync
         self.members: dict[int, dict[str, Any]] = {}
         self.seq = 0
-        self._host_store: dist.TCPStore | None = None
+        self._server: StoreServer | None = None
+        self._client: StoreClient | None = None
+        self._beat_client: StoreClient | None = None
         self._last_check = 0.0
+        #: Seconds the last send/receive spent forming the group (0 when it was formed already).
+        self.formation_seconds = 0.0
 
     # ----------------------------------------------------------------------------------------- set-up
     def _pick_device(self, device: torch.device | str | None) -> torch.device:
@@ -73,7 +98,7 @@ class SyncGroup:
             return torch.device("cpu")
         if not torch.cuda.is_available():
             raise WeightSyncError("WEIGHTSYNC_BACKEND=nccl needs a CUDA GPU and none is visible; "
-                              "use the gloo backend on CPU")
+                                  "use the gloo backend on CPU")
         return torch.device("cuda", self.local_rank % torch.cuda.device_count())
 
     def describe(self, rank: int) -> str:
@@ -84,7 +109,7 @@ class SyncGroup:
             lws = int(info.get("local_world_size", self.env.local_world_size if not self.is_trainer else 1))
             where = f"inference replica {(rank - 1) // lws} worker {(rank - 1) % lws}"
         pod = info.get("pod")
-        return f"rank {rank} ({where}{', pod ' + pod if pod else ''})"
+        return f"rank {rank} ({where}{', pod ' + str(pod) if pod else ''})"
 
     def _describe_many(self, ranks: tuple[int, ...] | list[int]) -> str:
         return ", ".join(self.describe(r) for r in ranks)
@@ -92,211 +117,397 @@ class SyncGroup:
     def current_epoch(self) -> int:
         return self.env.current_epoch()
 
+    def _connect(self, deadline: float) -> StoreClient:
+        """The store connections of this process, made once and again only after the store went away."""
+        env = self.env
+        if self._client is not None and self._beat_client is not None:
+            return self._client
+        self._drop_connections()
+        op_timeout = self.dead_after + 1.0
+        if self.is_trainer:
+            if self._server is None:
+                try:
+                    self._server = StoreServer(env.master_port, env.token)
+                except OSError as err:
+                    raise RendezvousError(f"cannot host the rendezvous store on port {env.master_port}: {err}") \
+                        from err
+            host = "127.0.0.1"
+        else:
+            host = env.master_addr
+        try:
+            remaining = max(deadline - time.monotonic(), 1.0)
+            self._client = StoreClient.connect(host, env.master_port, env.token, remaining, op_timeout=op_timeout)
+            self._beat_client = StoreClient.connect(host, env.master_port, env.token, remaining,
+                                                    op_timeout=op_timeout)
+        except StoreAuthError as err:
+            self._drop_connections()
+            raise RendezvousError(f"the rendezvous store at {host}:{env.master_port} refused this member: {err} "
+                                  "(a WEIGHTSYNC_TOKEN of another group, or not a weightsync store)",
+                                  missing_ranks=(TRAINER_RANK,)) from err
+        except StoreUnreachable as err:
+            self._drop_connections()
+            raise RendezvousError(f"rank 0 (the trainer) is unreachable: no rendezvous store at "
+                                  f"{host}:{env.master_port} after {self.timeout:.0f}s ({err})",
+                                  missing_ranks=(TRAINER_RANK,)) from err
+        return self._client
+
+    def _drop_connections(self) -> None:
+        for client in (self._client, self._beat_client):
+            if client is not None:
+                client.close()
+        self._client = self._beat_client = None
+
     # ------------------------------------------------------------------------------------- formation
-    def ensure_formed(self) -> None:
-        """Form the group at the current epoch, or re-form it when the epoch moved on."""
-        epoch = self.current_epoch()
-        if self.comm is not None and epoch == self.epoch:
-            return
-        if self.comm is not None:
-            log.info("epoch %s -> %s: re-forming the sync group", self.epoch, epoch)
-            self.teardown()
-        if self.broken_epoch is not None and epoch <= self.broken_epoch:
-            self._wait_for_new_epoch()
-        epoch, self.world_size = self.env.membership()
+    def ensure_formed(self, deadline: float | None = None, idle: Check | None = None) -> None:
+        """Form the group, or re-form it when the epoch or the formation moved on or the last sync failed.
+
+        `deadline` bounds forming (default: the timeout from now). `idle`, for a receiver waiting for the
+        next sync, makes the wait for the trainer's next formation last as long as `idle` does not raise.
+        """
+        started = time.monotonic()
+        deadline = deadline if deadline is not None else started + self.timeout
+        self.formation_seconds = 0.0
+        try:
+            while True:
+                try:
+                    target = self._formation_wanted(deadline, idle)
+                    if target is None:
+                        return
+                    self._form(*target, deadline)
+                    return
+                except _Moved:
+                    continue
+        except StoreUnreachable as err:
+            self._drop_connections()
+            raise RendezvousError(f"{self.describe(TRAINER_RANK)} is unreachable: {err}",
+                                  missing_ranks=(TRAINER_RANK,)) from err
+        finally:
+            if self.formation_seconds == 0.0 and self.comm is not None and time.monotonic() - started > 0.001:
+                self.formation_seconds = time.monotonic() - started
+
+    def _formation_wanted(self, deadline: float, idle: Check | None) -> tuple[int, int] | None:
+        """(epoch, formation) to form now, or None when the group stands as it is."""
+        epoch, _ = self.env.membership()
+        if self.is_trainer:
+            if self.comm is not None and epoch == self.epoch and self.broken is None:
+                assert self.keys is not None
+                abort = self._read(self.keys, self.fkeys.abort)
+                if abort is None:
+                    return None
+                log.warning("re-forming: %s", self._abort_message(abort, "the last sync"))
+            self._teardown_formation()
+            if epoch != self.epoch:
+                return epoch, 0
+            return epoch, self.formation + 1
+        # A receiver follows the trainer's formation record.
+        client = self._connect(deadline)
+        keys = KeyStore(client, self._sealer, self._epoch_prefix(epoch))
+        if self.comm is not None and epoch == self.epoch and self.broken is None:
+            record = self._read(keys, FORMATION)
+            if record is not None and int(record["formation"]) == self.formation:
+                return None
+        self._teardown_formation()
+        self._post_pending_abort()
+        while True:
+            record = self._read(keys, FORMATION)
+            newer = record is not None and (self.broken is None or (epoch, int(record["formation"])) > self.broken)
+            if newer:
+                assert record is not None
+                return epoch, int(record["formation"])
+            if idle is not None:
+                idle()
+            elif time.monotonic() >= deadline:
+                if self.broken is not None:
+                    raise WeightSyncError(
+                        f"the sync group broke at epoch {self.broken[0]} (formation {self.broken[1]}) and the "
+                        f"trainer did not re-form it within {self.timeout:.0f}s")
+                raise RendezvousError(f"{self.describe(TRAINER_RANK)} did not open epoch {epoch} of the group "
+                                      f"within {self.timeout:.0f}s", missing_ranks=(TRAINER_RANK,))
+            time.sleep(0.05)
+            new_epoch, _ = self.env.membership()
+            if new_epoch != epoch:
+                raise _Moved
+
+    def _read(self, keys: KeyStore, key: str) -> Any:
+        """A value that fails authentication is never acted on: logged by name, and treated as absent."""
+        try:
+            return keys.get(key)
+        except TamperedValueError as err:
+            log.warning("%s", err)
+            return None
+
+    def _epoch_prefix(self, epoch: int) -> str:
+        return f"{self._root}e{epoch}/"
+
+    def _form(self, epoch: int, formation: int, deadline: float) -> None:
+        env = self.env
+        started = time.monotonic()
+        _, self.world_size = env.membership()
         if self.rank >= self.world_size:
             raise WeightSyncError(f"rank {self.rank} is outside the group of world size {self.world_size} at epoch "
                                   f"{epoch}: this pod was scaled away and should be gone soon")
-        self._form(epoch)
-
-    def _wait_for_new_epoch(self) -> None:
-        assert self.broken_epoch is not None
-        deadline = time.monotonic() + self.timeout
-        while self.current_epoch() <= self.broken_epoch:
-            if time.monotonic() >= deadline:
-                raise WeightSyncError(
-                    f"the sync group broke at epoch {self.broken_epoch} and no new epoch arrived within "
-                    f"{self.timeout:.0f}s (the operator bumps it in {self.env.annotations_file})")
-            time.sleep(0.1)
-
-    def _form(self, epoch: int) -> None:
-        env = self.env
-        started = time.monotonic()
-        deadline = started + self.timeout
-        prefix = key_prefix(env.token, epoch, f"{env.namespace}/{env.name}")
+        client = self._connect(deadline)
+        assert self._beat_client is not None
+        keys = KeyStore(client, self._sealer, self._epoch_prefix(epoch))
+        fkeys = FormationKeys(formation)
         if self.is_trainer:
-            if self._host_store is None:
-                self._host_store = connect_store(env.master_addr, env.master_port, True, self.timeout)
-            store: dist.TCPStore = self._host_store
-            beat_store = connect_store("127.0.0.1", env.master_port, False, self.timeout)
-        else:
-            store = connect_store(env.master_addr, env.master_port, False, self.timeout)
-            beat_store = connect_store(env.master_addr, env.master_port, False, self.timeout)
-            self.bell = BellWaiter(connect_store(env.master_addr, env.master_port, False, self.timeout), store)
-        self.keys = keys = KeyStore(store, prefix)
-        self.liveness = Liveness(KeyStore(beat_store, prefix), self.rank, self.world_size,
-                                 self.heartbeat_interval, self.dead_after)
+            if self.epoch is not None and self.epoch != epoch:
+                keys.client.delete_prefix(self._epoch_prefix(self.epoch))
+            elif formation > 0:  # (receivers may have joined the new formation already: its keys stay)
+                keys.delete_prefix(FormationKeys(formation - 1).prefix)
+            keys.put(FORMATION, {"formation": formation})
+        self.keys, self.fkeys, self.epoch, self.formation, self.seq = keys, fkeys, epoch, formation, 0
+        self.broken, self.members = None, {}
+        self.liveness = Liveness(KeyStore(self._beat_client, self._sealer, keys.prefix), keys, fkeys, self.rank,
+                                 self.settings.heartbeat_interval, self.dead_after)
         self.liveness.start()
-        self.epoch, self.seq, self.members = epoch, 0, {}
+        nonce = secrets.token_hex(16)
         me = {"rank": self.rank, "pod": socket.gethostname(), "pid": os.getpid(),
-              "local_world_size": env.local_world_size, "world_size": self.world_size}
-        keys.put(f"join/{self.rank}", me)
+              "local_world_size": env.local_world_size, "world_size": self.world_size, "nonce": nonce}
+        keys.put(fkeys.join(self.rank), me)
         self.members[self.rank] = me
         try:
-            if self.is_trainer:
-                others = [f"join/{r}" for r in range(1, self.world_size)]
-                try:
-                    keys.wait_for(others, deadline, on_poll=lambda: None)
-                except TimeoutError:
-                    missing = tuple(r for r in range(1, self.world_size) if not keys.has(f"join/{r}"))
-                    raise RendezvousError(
-                        f"{len(missing)} of {self.world_size - 1} members never arrived within "
-                        f"{self.timeout:.0f}s at epoch {epoch}: {self._describe_many(missing)}",
-                        missing_ranks=missing) from None
-                for r in range(1, self.world_size):
-                    self.members[r] = keys.get(f"join/{r}")
-                sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != self.world_size}
-                nccl_id = ""
-                if env.backend == "nccl":
-                    from weightsync.runtime.nccl import new_unique_id
-                    nccl_id = new_unique_id().hex()
-                keys.put("group", {"world_size": self.world_size, "backend": env.backend, "nccl_id": nccl_id,
-                                   "epoch": epoch, "members": {str(r): m for r, m in self.members.items()},
-                                   "errors": [f"{self.describe(r)} has WEIGHTSYNC_WORLD_SIZE={s}, the trainer "
-                                              f"{self.world_size}" for r, s in sizes.items()]})
-                if sizes:
-                    raise ConfigMismatchError("; ".join(keys.get("group")["errors"]))
-            else:
-                # The trainer knows who is missing and says so through the store: give it a moment
-                # past the common deadline before concluding that it is the trainer that failed.
-                grace = self.dead_after + 2 * self.heartbeat_interval
-                try:
-                    keys.wait_for(["group"], deadline + grace,
-                                  on_poll=self._check_peers(None, "rendezvous", ranks=(TRAINER_RANK,)))
-                except TimeoutError:
-                    raise RendezvousError(
-                        f"{self.describe(TRAINER_RANK)} did not form the group within {self.timeout:.0f}s at "
-                        f"epoch {epoch}; some other member is missing or the trainer is stuck",
-                        missing_ranks=(TRAINER_RANK,)) from None
-                group = keys.get("group")
-                self.members.update({int(r): m for r, m in group["members"].items()})
-                if group["errors"]:
-                    raise ConfigMismatchError("; ".join(group["errors"]))
-                nccl_id = group["nccl_id"]
+            nccl_id = self._trainer_forms(deadline) if self.is_trainer else self._receiver_joins(deadline, nonce)
             self.comm = self._make_comm(nccl_id, deadline)
+        except _Moved:
+            self._teardown_formation()
+            raise
         except BaseException as err:
             self._fail(err)
             raise
-        log.info("rank %d joined the sync group at epoch %d (world size %d, %s) in %.2fs", self.rank, epoch,
-                 self.world_size, self.comm.transport, time.monotonic() - started)
+        self.formation_seconds = time.monotonic() - started
+        log.info("rank %d joined the sync group at epoch %d formation %d (world size %d, %s) in %.2fs", self.rank,
+                 epoch, formation, self.world_size, self.comm.transport, self.formation_seconds)
+
+    def _moved_check(self, epoch: int) -> Check:
+        """While forming: the epoch moved (the operator re-forms the group), or the formation did."""
+
+        def check() -> None:
+            now = time.monotonic()
+            if now - self._last_check < _CHECK_EVERY:
+                return
+            self._last_check = now
+            if self.env.membership()[0] != epoch:
+                raise _Moved
+            assert self.keys is not None
+            abort = self._read(self.keys, self.fkeys.abort)
+            if abort is not None:
+                self.saw_abort()
+                raise PeerLostError(self._abort_message(abort, "forming the group"),
+                                    ranks=tuple(abort.get("ranks", ())))
+            if not self.is_trainer:
+                record = self._read(self.keys, FORMATION)
+                if record is not None and int(record["formation"]) != self.formation:
+                    raise _Moved
+                assert self.liveness is not None
+                self.liveness.raise_if_lost([TRAINER_RANK], "forming the group", self.describe)
+
+        return check
+
+    def _trainer_forms(self, deadline: float) -> str:
+        keys, fkeys, epoch = self.keys, self.fkeys, self.epoch
+        assert keys is not None and epoch is not None
+        others = list(range(1, self.world_size))
+        try:
+            keys.wait([fkeys.join(r) for r in others], deadline, self._moved_check(epoch))
+        except TimeoutError:
+            present = keys.has([fkeys.join(r) for r in others])
+            missing = tuple(r for r, there in zip(others, present, strict=True) if not there)
+            raise RendezvousError(
+                f"{len(missing)} of {self.world_size - 1} members never arrived within {self.timeout:.0f}s at "
+                f"epoch {epoch} (formation {self.formation}): {self._describe_many(missing)}",
+                missing_ranks=missing) from None
+        for r, joined in zip(others, keys.get_many([fkeys.join(r) for r in others]), strict=True):
+            self.members[r] = joined
+        sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != self.world_size}
+        nccl_id = ""
+        if self.env.backend == "nccl":
+            from weightsync.runtime.nccl import new_unique_id
+            nccl_id = new_unique_id().hex()
+        errors = [f"{self.describe(r)} has world size {s} (WEIGHTSYNC_WORLD_SIZE or the world-size annotation), "
+                  f"the trainer {self.world_size}" for r, s in sizes.items()]
+        keys.put(fkeys.group, {"world_size": self.world_size, "backend": self.env.backend, "nccl_id": nccl_id,
+                               "members": {str(r): m for r, m in self.members.items()}, "errors": errors})
+        if errors:
+            raise ConfigMismatchError("; ".join(errors))
+        return nccl_id
+
+    def _receiver_joins(self, deadline: float, nonce: str) -> str:
+        keys, fkeys, epoch = self.keys, self.fkeys, self.epoch
+        assert keys is not None and epoch is not None
+        # The trainer knows who is missing and says so: give it a moment past the common deadline.
+        try:
+            keys.wait([fkeys.group], deadline + 2.0, self._moved_check(epoch))
+        except TimeoutError:
+            raise RendezvousError(
+                f"{self.describe(TRAINER_RANK)} did not form the group within {self.timeout:.0f}s at epoch {epoch} "
+                f"(formation {self.formation}); some other member is missing or the trainer is stuck",
+                missing_ranks=(TRAINER_RANK,)) from None
+        group = keys.get(fkeys.group)
+        members = {int(r): m for r, m in group["members"].items()}
+        if members.get(self.rank, {}).get("nonce") != nonce:
+            raise RendezvousError(f"the group record of epoch {epoch} formation {self.formation} does not answer "
+                                  "this member's join (stale, or a member of the same rank joined twice)",
+                                  missing_ranks=(TRAINER_RANK,))
+        self.members.update(members)
+        if group["errors"]:
+            raise ConfigMismatchError("; ".join(group["errors"]))
+        return str(group["nccl_id"])
 
     def _make_comm(self, nccl_id: str, deadline: float) -> Communicator:
-        assert self.keys is not None
+        assert self.keys is not None and self._client is not None
         if self.env.backend == "gloo":
-            store = dist.PrefixStore("gloo/", self.keys.store)
+            import torch.distributed as dist
+            store = dist.PrefixStore(self.keys.full_name(self.fkeys.gloo), self._client.c10d())
             return GlooCommunicator(store, self.rank, self.world_size, self.timeout)
         from weightsync.runtime.nccl import NcclCommunicator
         return NcclCommunicator(bytes.fromhex(nccl_id), self.rank, self.world_size, self.device,
-                                self._check_peers(deadline, "NCCL communicator set-up"))
+                                self.checker("NCCL communicator set-up", deadline), self.settings.nccl)
+
+    # ---------------------------------------------------------------------------------------- rounds
+    def trainer_round(self, version: int, deadline: float) -> TrainerRound:
+        assert self.keys is not None
+        seq, self.seq = self.seq, self.seq + 1
+        return TrainerRound(self.keys, self.fkeys, seq, f"v{version}", deadline, self.checker(f"sync v{version}"),
+                            self.checker(f"sync v{version}", deadline), self.describe, self._silence, self.timeout)
+
+    def receiver_round(self, seq: int, version: int, deadline: float) -> ReceiverRound:
+        """A receiver's waits on the trainer end a moment after the trainer's own deadline: when some member
+        is missing, the trainer names it in an abort, which beats a receiver's guess that the trainer is."""
+        assert self.keys is not None
+        deadline += min(2.0, self.timeout / 2)
+        self.seq = seq + 1
+        sync = ReceiverRound(self.keys, self.fkeys, seq, f"v{version}", deadline, self.checker(f"sync v{version}"),
+                             self.checker(f"sync v{version}", deadline), self.describe, self._silence,
+                             self.timeout)
+        sync.rank = self.rank
+        return sync
+
+    def _silence(self, rank: int) -> str:
+        return self.liveness.silence(rank) if self.liveness is not None else "no liveness information"
 
     # ---------------------------------------------------------------------------------------- checks
-    def _check_peers(self, deadline: float | None, what: str,
-                     ranks: tuple[int, ...] | None = None) -> Check:
-        """A check for waits: raises if a peer died, another member aborted, or the deadline passed."""
+    def checker(self, what: str, deadline: float | None = None) -> Check:
+        """A check for waits: raises if a peer is lost, another member aborted, the group moved on, or the
+        deadline passed."""
 
         def check() -> None:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise WeightSyncError(f"{what} at epoch {self.epoch} timed out after {self.timeout:.0f}s")
+                raise self._timed_out(what)
             if now - self._last_check < _CHECK_EVERY:
                 return
             self._last_check = now
-            assert self.liveness is not None and self.keys is not None
-            self.liveness.raise_if_dead(what, self.describe, ranks)
-            if self.keys.has("abort"):
-                abort = self.keys.get("abort")
-                self.keys.add("abort/seen", 1)
-                raise PeerLostError(f"{what} aborted by {self.describe(abort['by'])}: {abort['reason']}",
-                                    ranks=tuple(abort["ranks"]))
+            keys, liveness = self.keys, self.liveness
+            assert keys is not None and liveness is not None
+            abort = self._read(keys, self.fkeys.abort)
+            if abort is not None:
+                self.saw_abort()
+                raise PeerLostError(self._abort_message(abort, what), ranks=tuple(abort.get("ranks", ())))
+            if not self.is_trainer:
+                record = self._read(keys, FORMATION)
+                if record is not None and int(record["formation"]) != self.formation:
+                    raise PeerLostError(f"{what} was abandoned: the trainer re-formed the group (formation "
+                                        f"{record['formation']})", ranks=())
+            liveness.raise_if_lost(range(self.world_size) if self.is_trainer else [TRAINER_RANK], what,
+                                   self.describe)
 
         return check
 
-    def checker(self, what: str, deadline: float | None = None) -> Check:
-        return self._check_peers(deadline, what)
+    def _timed_out(self, what: str) -> PeerLostError:
+        """A deadline passed with every member alive and beating: name whom this member was waiting on."""
+        waited_on = tuple(range(1, self.world_size)) if self.is_trainer else (TRAINER_RANK,)
+        return PeerLostError(f"{what} at epoch {self.epoch} timed out after {self.timeout:.0f}s waiting for "
+                             f"{self._describe_many(list(waited_on)) if self.is_trainer else self.describe(0)}",
+                             ranks=waited_on)
 
-    def name_the_dead(self, err: BaseException, what: str) -> BaseException:
-        """Turn a transport error into a PeerLostError naming the member(s) whose heartbeat stopped."""
-        if isinstance(err, PeerLostError) or self.liveness is None:
+    def saw_abort(self) -> None:
+        """Tell a trainer that is about to exit that this member learnt why the group broke."""
+        if self.keys is not None and not self.is_trainer:
+            with contextlib.suppress(WeightSyncError):
+                self.keys.put(self.fkeys.seen(self.rank), {"rank": self.rank})
+
+    def _linger_for_abort_readers(self) -> None:
+        """The trainer hosts the store: before it goes (its process is exiting after a failure), keep the store
+        up, briefly, until every member still connected has read the abort, so that they learn who failed
+        and why instead of only seeing the store vanish."""
+        if not self.is_trainer or self.broken is None or self.keys is None or self._client is None:
+            return
+        fkeys = FormationKeys(self.broken[1])
+        receivers = [r for r in range(1, self.world_size)]
+        give_up = time.monotonic() + min(3.0, self.timeout)
+        with contextlib.suppress(WeightSyncError):
+            while time.monotonic() < give_up:
+                if self.keys.get(fkeys.abort) is None:
+                    return
+                flags = self.keys.has([fkeys.alive(r) for r in receivers] + [fkeys.seen(r) for r in receivers])
+                alive, seen = flags[:len(receivers)], flags[len(receivers):]
+                if all(s or not a for a, s in zip(alive, seen, strict=True)):
+                    return
+                time.sleep(0.02)
+
+    def _abort_message(self, abort: dict[str, Any], what: str) -> str:
+        by = int(abort.get("by", -1))
+        blamed = [int(r) for r in abort.get("ranks", ())]
+        text = f"{what} aborted by {self.describe(by)}: {abort.get('reason', '')}"
+        if self.rank in blamed and by != self.rank:
+            text += " (this member was declared lost: it stopped or stalled past the threshold)"
+        return text
+
+    def name_the_lost(self, err: BaseException, what: str) -> BaseException:
+        """Turn a transport error (a gloo socket reset) into a PeerLostError naming whoever is lost."""
+        if (isinstance(err, WeightSyncError) and not isinstance(err, TransportError)) or self.liveness is None:
             return err
-        give_up = time.monotonic() + self.dead_after + 2 * self.heartbeat_interval
+        give_up = time.monotonic() + 2.0
         while time.monotonic() < give_up:
-            dead = self.liveness.dead_ranks()
-            if dead:
-                return PeerLostError(f"{self._describe_many(dead)} died during {what} at epoch {self.epoch} "
-                                     f"({err})", ranks=dead)
-            time.sleep(self.heartbeat_interval / 2)
+            try:
+                lost = self.liveness.lost(range(self.world_size))
+            except WeightSyncError as store_err:
+                return store_err
+            gone = [r for r, why in lost if "connection" in why] or [r for r, _ in lost]
+            if gone:
+                return PeerLostError(f"{self._describe_many(gone)} died during {what} at epoch {self.epoch} "
+                                     f"({err})", ranks=tuple(gone))
+            time.sleep(0.05)
         return err
 
-    # ------------------------------------------------------------------------------------- handshakes
-    def put(self, key: str, value: Any) -> None:
-        assert self.keys is not None
-        self.keys.put(key, value)
-
-    def wait_all(self, keys: list[str], deadline: float | None, what: str) -> None:
-        assert self.keys is not None
-        try:
-            self.keys.wait_for(keys, deadline if deadline is not None else float("inf"),
-                               on_poll=self._check_peers(deadline, what))
-        except TimeoutError:
-            missing = [k for k in keys if not self.keys.has(k)]
-            ranks = tuple(int(k.rsplit("/", 1)[1]) for k in missing)
-            raise PeerLostError(f"{self._describe_many(ranks)} did not answer {what} within "
-                                f"{self.timeout:.0f}s", ranks=ranks) from None
-
-    @staticmethod
-    def bell_key(seq: int, rank: int) -> str:
-        """Rung by the trainer once sync `seq`'s manifest is out: what an idle receiver waits for."""
-        return f"sync/{seq}/bell/{rank}"
-
-    def put_raw(self, key: str, value: bytes) -> None:
-        assert self.keys is not None
-        self.keys.put_raw(key, value)
-
-    def get(self, key: str) -> Any:
-        assert self.keys is not None
-        return self.keys.get(key)
-
+    # --------------------------------------------------------------------------------------- failure
     def _fail(self, err: BaseException) -> None:
-        """Mark the group broken, tell the others (best effort) and release the communicator."""
+        """Mark this formation broken, tell the others, and (the trainer) announce the next formation."""
         if self.epoch is not None:
-            self.broken_epoch = self.epoch
-        if self.keys is not None and not isinstance(err, ConfigMismatchError):
+            self.broken = (self.epoch, self.formation)
+        if isinstance(err, StoreUnreachable) or (isinstance(err, PeerLostError) and TRAINER_RANK in err.ranks
+                                                 and not self.is_trainer):
+            self._drop_connections()  # the store (the trainer) is gone: connect afresh next time
+        if self.keys is not None:
             ranks = list(getattr(err, "ranks", ()) or getattr(err, "missing_ranks", ()))
-            try:
-                if not self.keys.has("abort"):
-                    reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
-                              else str(err) or type(err).__name__)
-                    self.put("abort", {"by": self.rank, "reason": reason, "ranks": ranks or [self.rank]})
-                    if self.is_trainer:
-                        self._linger_for_abort_readers(ranks)
-            except Exception:
-                pass  # the store's host is gone; the others find out by themselves
+            reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
+                      else str(err) or type(err).__name__)
+            self._abort_pending = {"by": self.rank, "reason": reason, "ranks": ranks or [self.rank]}
+            self._post_pending_abort()
+            if self.is_trainer and self._client is not None:
+                with contextlib.suppress(WeightSyncError):
+                    self.keys.put(FORMATION, {"formation": self.formation + 1})
         if self.comm is not None:
             self.comm.abort()
-        self.teardown()
+        self._teardown_formation()
 
-    def _linger_for_abort_readers(self, culprits: list[int]) -> None:
-        """The trainer hosts the store: keep it up (briefly, bounded) until the live members read the abort,
-        so that they learn who failed instead of only seeing the store vanish when the trainer exits."""
-        assert self.keys is not None
-        readers = [r for r in range(1, self.world_size) if r not in culprits and self.keys.has(f"join/{r}")]
-        deadline = time.monotonic() + self.dead_after + 2 * self.heartbeat_interval
-        while self.keys.add("abort/seen", 0) < len(readers) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    def _post_pending_abort(self) -> None:
+        """Post this member's abort unless another member's is there (best effort: a store that is gone or
+        stopped is told later, when it answers again)."""
+        if self._abort_pending is None or self.keys is None or self._client is None:
+            self._abort_pending = None if self._client is None else self._abort_pending
+            return
+        try:
+            if self._read(self.keys, self.fkeys.abort) is None:
+                self.keys.put(self.fkeys.abort, self._abort_pending)
+            self._abort_pending = None
+        except WeightSyncError:
+            pass
 
     def run_guarded(self, what: str, body: Callable[[], Any],
                     passthrough: tuple[type[BaseException], ...] = ()) -> Any:
-        """Run one sync's body; any failure breaks the group (until the next epoch) and names the dead.
+        """Run one sync's body; any failure breaks the formation and names the lost.
 
         A config mismatch and the `passthrough` exceptions leave the group as it is."""
         try:
@@ -307,25 +518,30 @@ class SyncGroup:
         except BaseException as err:
             if isinstance(err, (ConfigMismatchError, *passthrough)):
                 raise
-            named = self.name_the_dead(err, what)
+            named = self.name_the_lost(err, what)
             self._fail(named)
             if named is err:
                 raise
             raise named from err
 
-    def teardown(self) -> None:
-        if self.bell is not None:
-            self.bell.release()
-            self.bell = None
+    def leave_formation(self) -> None:
+        """Stop taking part in the current formation (it moved on, or broke while this member was idle)."""
+        self._teardown_formation()
+
+    def _teardown_formation(self) -> None:
         if self.liveness is not None:
             self.liveness.stop()
         if self.comm is not None:
             self.comm.close()
-        self.comm, self.keys, self.liveness = None, None, None
+        self.comm, self.liveness = None, None
 
     def close(self) -> None:
-        self.teardown()
-        self._host_store = None
+        self._linger_for_abort_readers()
+        self._teardown_formation()
+        self._drop_connections()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
 
 class GroupMember:

@@ -12,8 +12,9 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
-from weightsync.runtime.plan import Plan, TensorSpec, make_plan, plan_digest
+from weightsync.runtime.packing import PackingPlan, TensorSpec, make_plan, plan_digest
 
 MANIFEST_FORMAT = 1
 
@@ -38,7 +39,7 @@ class TransferConfig:
         return out
 
 
-def _plan_for(tensors: tuple[TensorSpec, ...], config: TransferConfig, direct_threshold: int) -> Plan:
+def _plan_for(tensors: tuple[TensorSpec, ...], config: TransferConfig, direct_threshold: int) -> PackingPlan:
     if config.packed:
         return make_plan(list(tensors), config.buffer_bytes, direct_threshold)
     return make_plan(list(tensors), 1 << 62, 1)  # unpacked: every tensor on its own
@@ -54,14 +55,14 @@ class Manifest:
     signature: str  # identifies the tensor set and its plan, whatever the version
     checksums: tuple[int, ...] = field(default=())
 
-    def plan(self) -> Plan:
+    def plan(self) -> PackingPlan:
         return _plan_for(self.tensors, self.config, self.direct_threshold)
 
     def with_version(self, version: int, checksums: tuple[int, ...]) -> Manifest:
         return Manifest(version, self.config, self.tensors, self.direct_threshold, self.plan_digest, self.signature,
                         checksums)
 
-    def to_json(self, include_tensors: bool = True) -> bytes:
+    def to_doc(self, include_tensors: bool = True) -> dict[str, object]:
         doc: dict[str, object] = {
             "format": MANIFEST_FORMAT,
             "version": self.version,
@@ -73,14 +74,24 @@ class Manifest:
         }
         if include_tensors:
             doc["tensors"] = [[t.name, t.dtype, list(t.shape), t.itemsize] for t in self.tensors]
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return doc
 
     @classmethod
-    def from_json(cls, raw: bytes, known: dict[str, Manifest] | None = None) -> Manifest:
-        """Parse a manifest; a compact one (no tensor list) takes its tensors from `known`, by signature."""
-        doc = json.loads(raw)
-        if doc.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unsupported manifest format {doc.get('format')!r}, expected {MANIFEST_FORMAT}")
+    def from_doc(cls, doc: dict[str, Any], known: dict[str, Manifest] | None = None) -> Manifest:
+        """Parse a manifest; a compact one (no tensor list) takes its tensors from `known`, by signature.
+
+        The document comes from a sealed store value (only a member of the group can have written it), yet
+        is checked as input all the same: a malformed one is a ValueError naming what is wrong."""
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"unsupported manifest format {got!r}, expected {MANIFEST_FORMAT}")
+        try:
+            return cls._parse(doc, known)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"malformed manifest: {type(err).__name__}: {err}") from None
+
+    @classmethod
+    def _parse(cls, doc: dict[str, Any], known: dict[str, Manifest] | None) -> Manifest:
         signature = str(doc["signature"])
         if "tensors" in doc:
             tensors = tuple(TensorSpec(n, d, tuple(s), i) for n, d, s, i in doc["tensors"])
@@ -100,7 +111,7 @@ class Manifest:
 
 
 def build_manifest(version: int, config: TransferConfig, tensors: list[TensorSpec], direct_threshold: int,
-                   checksums: tuple[int, ...] = ()) -> tuple[Manifest, Plan]:
+                   checksums: tuple[int, ...] = ()) -> tuple[Manifest, PackingPlan]:
     specs = tuple(tensors)
     plan = _plan_for(specs, config, direct_threshold)
     digest = plan_digest(plan)

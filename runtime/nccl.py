@@ -15,12 +15,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from weightsync.runtime.comm import Check, Fence, host_wait
-from weightsync.runtime.errors import WeightSyncError
+from weightsync.runtime.errors import TransportError, WeightSyncError
+from weightsync.runtime.settings import NcclTuning
 
 NCCL_UNIQUE_ID_BYTES = 128
 _IN_PROGRESS = 7
@@ -86,7 +86,7 @@ class _Lib:
             detail = ""
             if comm is not None:
                 detail = (self.lib.ncclGetLastError(comm) or b"").decode()
-            raise WeightSyncError(f"{what} failed: {self.error(code)} {detail}".strip())
+            raise TransportError(f"{what} failed: {self.error(code)} {detail}".strip())
         return code
 
 
@@ -104,27 +104,6 @@ def new_unique_id() -> bytes:
     uid = _UniqueId()
     library().check(library().lib.ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
     return bytes(uid.internal)
-
-
-@dataclass(frozen=True)
-class NcclTuning:
-    """How a communicator is set up (a knob for the benchmark's comparisons, not part of the env contract).
-
-    `high_priority_comm`: run NCCL on a high-priority stream, so that when a copy kernel and the next
-    broadcast become ready together the broadcast's blocks are scheduled first. Off by default: on one H200
-    it made no difference against an emulated receive (bench/results/gpu-probe-1xH200-priority.log); the
-    interference there was memory bandwidth, which runtime/copies.py bounds instead.
-    `min_ctas` / `max_ctas`: ncclConfig_t's bounds on the thread blocks (channels) per operation; None leaves
-    NCCL's choice.
-    """
-
-    high_priority_comm: bool = False
-    min_ctas: int | None = None
-    max_ctas: int | None = None
-
-
-#: The settings new communicators get; the benchmark swaps it to compare settings in one run.
-TUNING = NcclTuning()
 
 
 def _new_stream(device: torch.device, high_priority: bool = False) -> torch.cuda.Stream:
@@ -150,7 +129,7 @@ class NcclCommunicator:
 
     def __init__(self, unique_id: bytes, rank: int, world_size: int, device: torch.device, check: Check,
                  tuning: NcclTuning | None = None) -> None:
-        tuning = tuning or TUNING
+        tuning = tuning or NcclTuning()
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
             raise WeightSyncError(f"an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
         self.rank = rank

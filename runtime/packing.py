@@ -56,7 +56,7 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class Plan:
+class PackingPlan:
     buffer_bytes: int
     direct_threshold: int
     chunks: tuple[Chunk, ...]
@@ -75,7 +75,7 @@ def align_up(n: int, alignment: int = ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def make_plan(specs: list[TensorSpec], buffer_bytes: int, direct_threshold: int | None = None) -> Plan:
+def make_plan(specs: list[TensorSpec], buffer_bytes: int, direct_threshold: int | None = None) -> PackingPlan:
     """Group `specs` (in order) into chunks; no packed chunk exceeds `buffer_bytes`.
 
     `direct_threshold` defaults to `buffer_bytes`: only what cannot share a buffer goes on its own.
@@ -108,10 +108,10 @@ def make_plan(specs: list[TensorSpec], buffer_bytes: int, direct_threshold: int 
         slots.append(Slot(index, offset, size))
         cursor = offset + size
     close_packed()
-    return Plan(buffer_bytes, threshold, tuple(chunks))
+    return PackingPlan(buffer_bytes, threshold, tuple(chunks))
 
 
-def plan_digest(plan: Plan) -> str:
+def plan_digest(plan: PackingPlan) -> str:
     """A short digest of the plan, compared across members before any data moves."""
     doc = [plan.buffer_bytes, plan.direct_threshold, [[c.kind, c.nbytes, [[s.index, s.offset, s.nbytes]
            for s in c.slots]] for c in plan.chunks]]
@@ -122,7 +122,7 @@ def plan_digest(plan: Plan) -> str:
 MAX_DIRECT_BATCH = 128
 
 
-def segments(plan: Plan, max_direct_batch: int = MAX_DIRECT_BATCH) -> list[tuple[str, list[int]]]:
+def segments(plan: PackingPlan, max_direct_batch: int = MAX_DIRECT_BATCH) -> list[tuple[str, list[int]]]:
     """The plan's chunks as the data path walks them: ("packed", [i]) for a packed chunk, ("direct", [i, ...])
     for a run of consecutive direct chunks, launched as one batch."""
     out: list[tuple[str, list[int]]] = []

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from weightsync.runtime.comm import Check
-from weightsync.runtime.errors import ChecksumError, ConfigMismatchError, WeightSyncError
+from weightsync.runtime.errors import ChecksumError, PeerLostError, WeightSyncError
 from weightsync.runtime.group import GroupMember, SyncGroup
+from weightsync.runtime.handshake import FORMATION, manifest_key
 from weightsync.runtime.manifest import Manifest
-from weightsync.runtime.plan import Plan, TensorSpec
-from weightsync.runtime.rendezvous import BellWaiter, KeyStore
+from weightsync.runtime.packing import PackingPlan, TensorSpec
 from weightsync.runtime.report import SyncReport
+from weightsync.runtime.settings import RuntimeSettings
 from weightsync.runtime.transfer import (
     Buffers,
     ChecksumAccumulator,
@@ -30,8 +31,6 @@ from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
-
-
 #: What a validation of destinations covered: the tensor set, the mapping, and its tensors' ids, shapes, dtypes.
 _Identity = tuple[str, int, list[int], list[torch.Size], list[torch.dtype]]
 
@@ -45,21 +44,36 @@ def _destination_identity(into: Mapping[str, torch.Tensor] | None) -> tuple[list
             list(map(operator.attrgetter("dtype"), tensors)))
 
 
-class _EpochMoved(Exception):
-    """The operator published a new epoch while this receiver waited: form the group again."""
+class _Moved(Exception):
+    """The epoch or the formation moved on while this receiver waited: form again."""
+
+
+class _NoSync(Exception):
+    """The caller's `timeout` for the next sync ran out."""
+
+
+#: Told when a version that was being handed over will not be completed: (version, the error).
+Abandoned = Callable[[int, WeightSyncError], None]
 
 
 class WeightReceiver(GroupMember):
-    """One inference worker (rank = the pod's rank offset + `local_rank`)."""
+    """One inference worker (rank = the pod's rank offset + `local_rank`).
+
+    Consistency: a version counts as received only when every member has it (the trainer's confirmation).
+    A sync that fails after its data began to arrive is abandoned: the error carries `abandoned_version`,
+    a loader's `on_abandon` is told, and `into=` destinations that were partly overwritten are marked
+    incomplete (`incomplete`, `holds_version` None) until the next complete sync.
+    """
 
     def __init__(self, env: MemberEnv, *, local_rank: int = 0, device: torch.device | str | None = None,
-                 heartbeat_interval: float = 0.5, dead_after: float | None = None) -> None:
+                 settings: RuntimeSettings | None = None) -> None:
         if env.role != "inference":
             raise ValueError(f"WeightReceiver runs in inference pods; WEIGHTSYNC_ROLE is {env.role!r}")
         self.env = env
-        self.group = SyncGroup(env, local_rank, device, heartbeat_interval, dead_after)
-        self.buffers = Buffers()
-        self._plans: dict[str, Plan] = {}
+        self.settings = settings or RuntimeSettings()
+        self.group = SyncGroup(env, local_rank, device, self.settings)
+        self.buffers = Buffers(self.settings.copy_programs)
+        self._plans: dict[str, PackingPlan] = {}
         self._manifests: dict[str, Manifest] = {}  # by signature: later syncs of a set send only that
         self._validated: _Identity | None = None
         self._targets: tuple[_Identity, list[list[torch.Tensor]]] | None = None
@@ -67,6 +81,10 @@ class WeightReceiver(GroupMember):
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went, from the manifest's arrival: its first receive enqueued.
         self.last_timings: dict[str, float] = {}
+        #: The version `into=` destinations hold entirely (None before the first sync, or while incomplete).
+        self.holds_version: int | None = None
+        #: True while `into=` destinations hold a mix of versions (a sync failed half-way through them).
+        self.incomplete = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightReceiver:
@@ -103,74 +121,98 @@ class WeightReceiver(GroupMember):
         self._validated = identity if not problems else None
         return problems
 
+    def _idle_check(self, deadline: float | None) -> Callable[[], None]:
+        """While waiting for the next sync: the caller's timeout, a new epoch or formation (re-form quietly),
+        a formation another member broke meanwhile (the trainer re-forms it), a trainer that is gone."""
+        group = self.group
+        last = [0.0]
+
+        def check() -> None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise _NoSync
+            if now - last[0] < 0.1:
+                return
+            last[0] = now
+            if group.current_epoch() != group.epoch:
+                raise _Moved
+            if group.keys is None or group.liveness is None:
+                return
+            record, abort = group.keys.get_many([FORMATION, group.fkeys.abort])
+            if record is not None and int(record["formation"]) != group.formation:
+                raise _Moved
+            if abort is not None:
+                group.saw_abort()
+                group.broken = (group.epoch or 0, group.formation)
+                raise _Moved
+            group.liveness.raise_if_lost([0], "the wait for the next sync", group.describe)
+
+        return check
+
     def _wait_for_manifest(self, timeout: float | None) -> tuple[int, Manifest]:
-        """Wait for the trainer's next sync, re-forming the group if the epoch moves on meanwhile.
+        """Wait for the trainer's next sync, re-forming the group whenever the epoch or formation moves on.
 
         With no timeout the wait lasts as long as the trainer is alive: a dead trainer is an error, a busy
         one (a long training step) is not.
         """
         group = self.group
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle = self._idle_check(deadline)
         while True:
-            group.ensure_formed()
-            seq = group.seq
-            check = group.checker("the wait for the next sync")
-            epoch = group.epoch
-            keys, bell = group.keys, group.bell
-            assert keys is not None and bell is not None
-
-            def check_peers_and_epoch(check: Check = check, epoch: int | None = epoch) -> None:
-                check()
-                if group.current_epoch() != epoch:
-                    raise _EpochMoved
-
-            def wait(keys: KeyStore = keys, bell: BellWaiter = bell, seq: int = seq,
-                     poll: Check = check_peers_and_epoch) -> None:
-                bell.wait(keys.full_name(group.bell_key(seq, self.rank)),
-                          float("inf") if deadline is None else deadline, poll)
-
             try:
-                group.run_guarded("the wait for the next sync", wait, passthrough=(_EpochMoved, TimeoutError))
-            except _EpochMoved:
+                group.ensure_formed(idle=idle)
+                keys = group.keys
+                assert keys is not None
+                seq = group.seq
+                announced = manifest_key(group.fkeys, seq)
+                group.run_guarded("the wait for the next sync",
+                                  functools.partial(keys.wait, [announced], float("inf"), idle),
+                                  passthrough=(_Moved, _NoSync))
+                doc = keys.get(announced)
+            except _Moved:
+                group.leave_formation()
                 continue
-            except TimeoutError:
+            except _NoSync:
                 raise WeightSyncError(f"no sync started within {timeout:.0f}s") from None
-            return seq, Manifest.from_json(keys.get_raw(f"sync/{seq}/manifest"), self._manifests)
+            try:
+                return seq, Manifest.from_doc(doc, self._manifests)
+            except ValueError as err:
+                raise PeerLostError(f"the trainer's manifest of sync {seq} cannot be used: {err}",
+                                    ranks=(0,)) from err
 
     def receive(self, loader: Loader | None = None, *, into: Mapping[str, torch.Tensor] | None = None,
-                timeout: float | None = None) -> SyncReport:
+                timeout: float | None = None, on_abandon: Abandoned | None = None) -> SyncReport:
         """Receive the next sync.
 
         Give either `loader`, called with batches of (name, tensor) like vLLM's `load_weights` (the tensors
         are views into reused buffers, valid during the call), or `into`, a mapping of name to destination
-        tensor that is written in place. `timeout` bounds the wait for the trainer to start the sync.
+        tensor that is written in place (under torch.no_grad(): parameters that require grad are fine).
+        `timeout` bounds the wait for the trainer to start the sync. `on_abandon(version, error)` is called
+        when a sync whose batches the loader had begun to get fails before it completes.
         """
         if (loader is None) == (into is None):
             raise ValueError("pass exactly one of `loader` or `into`")
-        with gc_paused():
-            return self._receive(loader, into, timeout)
+        with gc_paused(), torch.no_grad():
+            return self._receive(loader, into, timeout, on_abandon)
 
     def _receive(self, loader: Loader | None, into: Mapping[str, torch.Tensor] | None,
-                 timeout: float | None) -> SyncReport:
+                 timeout: float | None, on_abandon: Abandoned | None) -> SyncReport:
         group = self.group
         # Read before the wait, not after the manifest arrives: with tens of thousands of destinations this is
         # milliseconds, and the sync should not wait for them. They cannot change while this call blocks.
         destinations = _destination_identity(into)
         seq, manifest = self._wait_for_manifest(timeout)
-        group.seq += 1
         if manifest.signature not in self._manifests:
             self._manifests = {manifest.signature: manifest}  # the newest set only: the trainer sends no older
         started = time.perf_counter()
-        deadline = time.monotonic() + group.timeout
         version = manifest.version
+        sync = group.receiver_round(seq, version, time.monotonic() + group.timeout)
+        stage = ["checking"]  # -> "receiving" once data may land, -> "received" once all of it did
 
         def body() -> SyncReport:
             problems = self._problems(manifest, into, destinations)
-            group.put(f"sync/{seq}/verdict/{self.rank}", {"problems": problems})
-            group.wait_all([f"sync/{seq}/go"], deadline, f"the trainer's go for v{version}")
-            refused = group.get(f"sync/{seq}/go")["problems"]
-            if refused:
-                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(refused))
+            sync.verdict(problems)
+            sync.await_go()
             plan = self._plans.get(manifest.signature)
             if plan is None:
                 plan = self._plans[manifest.signature] = manifest.plan()
@@ -184,28 +226,46 @@ class WeightReceiver(GroupMember):
                 targets = self._targets[1]
             sums = ChecksumAccumulator(bool(manifest.checksums), {})
             assert group.comm is not None
+            stage[0] = "receiving"
             first = receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers,
-                                   targets, loader, sums, group.checker(f"sync v{version}", deadline))
+                                   targets, loader, sums, sync.check, self.settings.timeline)
             self.last_timings = {"first_byte_seconds": first - started}
             got = sums.fetch(len(manifest.tensors))
             errors = [f"tensor {manifest.tensors[i].name!r} checksum {g} != trainer's {w}"
                       for i, (g, w) in enumerate(zip(got, manifest.checksums, strict=False)) if g != w]
-            group.put(f"sync/{seq}/ack/{self.rank}", {"errors": errors[:20]})
+            sync.acknowledge(errors)
             if errors:
                 raise ChecksumError(f"sync v{version} arrived corrupted at rank {self.rank}: " + "; ".join(errors[:5]))
-            # A sync counts only once every member has it: wait for the trainer's word on the others.
-            group.wait_all([f"sync/{seq}/done"], deadline, f"the trainer's confirmation of v{version}")
-            bad = group.get(f"sync/{seq}/done")["problems"]
-            if bad:
-                raise ChecksumError(f"sync v{version} arrived corrupted elsewhere: " + "; ".join(bad))
+            stage[0] = "received"
+            sync.await_done()
             assert group.comm is not None and group.epoch is not None
             return SyncReport.make(version, len(manifest.tensors), plan.total_bytes, time.perf_counter() - started,
-                                   (self.rank,), group.comm.transport, group.epoch)
+                                   (self.rank,), group.comm.transport, group.epoch, group.formation_seconds)
 
-        report: SyncReport = group.run_guarded(f"sync v{version}", body)
+        try:
+            report: SyncReport = group.run_guarded(f"sync v{version}", body)
+        except WeightSyncError as err:
+            if stage[0] != "checking":
+                self._abandon(err, version, into is not None and stage[0] == "receiving", on_abandon)
+            raise
         if self._validated is None or self._validated[0] != manifest.signature or not self._previous:
             self._previous = {t.name: t for t in manifest.tensors}
+        if into is not None:
+            self.holds_version, self.incomplete = version, False
         log.info(report.summary())
         self.last_report = report
         return report
 
+    def _abandon(self, err: WeightSyncError, version: int, partly_written: bool,
+                 on_abandon: Abandoned | None) -> None:
+        """Say on the error, on this receiver and to the loader that `version` will not be completed."""
+        err.abandoned_version = version
+        if partly_written:
+            self.incomplete, self.holds_version = True, None
+        err.incomplete = self.incomplete
+        note = (f"; v{version} was abandoned: the destinations hold a mix of versions and stay marked incomplete "
+                "until the next complete sync" if partly_written else f"; v{version} was abandoned")
+        if err.args and isinstance(err.args[0], str):
+            err.args = (err.args[0] + note, *err.args[1:])
+        if on_abandon is not None:
+            on_abandon(version, err)

@@ -34,17 +34,22 @@ class SyncReport:
     transport: str
     epoch: int
     time: str
+    #: Seconds spent forming the group before this sync (0 when it was formed already); not in `seconds`.
+    formation_seconds: float = 0.0
 
     @classmethod
     def make(cls, version: int, tensors: int, nbytes: int, seconds: float, acked: tuple[int, ...],
-             transport: str, epoch: int) -> SyncReport:
+             transport: str, epoch: int, formation_seconds: float = 0.0) -> SyncReport:
         gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return cls(version, tensors, nbytes, round(seconds, 6), round(gbps, 3), acked, transport, epoch, stamp)
+        return cls(version, tensors, nbytes, round(seconds, 6), round(gbps, 3), acked, transport, epoch, stamp,
+                   round(formation_seconds, 6))
 
     def summary(self) -> str:
+        formed = f"; group formed in {self.formation_seconds:.3f}s before it" if self.formation_seconds else ""
         return (f"sync v{self.version}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.3f}s "
-                f"= {self.gbps:.2f} GB/s over {self.transport} to {len(self.acked)} members (epoch {self.epoch})")
+                f"= {self.gbps:.2f} GB/s over {self.transport} to {len(self.acked)} members (epoch {self.epoch})"
+                f"{formed}")
 
     def to_json(self) -> str:
         doc = asdict(self)

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from weightsync.runtime.errors import ChecksumError, ConfigMismatchError
 from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
-from weightsync.runtime.plan import Plan, TensorSpec
+from weightsync.runtime.packing import PackingPlan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
+from weightsync.runtime.settings import RuntimeSettings
 from weightsync.runtime.transfer import Buffers, checksum, gc_paused, send_chunks, spec_of
 
 from weightsync.contract import MemberEnv
@@ -27,27 +27,28 @@ _DTYPE = operator.attrgetter("dtype")
 class WeightSender(GroupMember):
     """Rank 0 of a sync group: broadcasts named tensors to every inference worker.
 
-    `direct_threshold`: tensors of at least this many bytes skip the packing buffers and go straight from
-    the source (default: only those larger than a buffer).
+    `settings`: this process's own choices (RuntimeSettings: liveness threshold, direct tensors, copy kernel,
+    NCCL tuning); `report_to_pod`: post each report onto the trainer's pod (default: when running in one).
     """
 
     def __init__(self, env: MemberEnv, *, device: torch.device | str | None = None,
-                 direct_threshold: int | None = None, report_to_pod: bool | None = None,
-                 heartbeat_interval: float = 0.5, dead_after: float | None = None) -> None:
+                 settings: RuntimeSettings | None = None, report_to_pod: bool | None = None) -> None:
         if env.role != "trainer":
             raise ValueError(f"WeightSender runs in the trainer; WEIGHTSYNC_ROLE is {env.role!r}")
-        self.group = SyncGroup(env, 0, device, heartbeat_interval, dead_after)
+        self.settings = settings or RuntimeSettings()
+        self.group = SyncGroup(env, 0, device, self.settings)
         self.env = env
-        self.direct_threshold = direct_threshold if direct_threshold is not None else env.buffer_bytes
-        self.buffers = Buffers()
-        self._cached: tuple[tuple[TensorSpec, ...], Manifest, Plan] | None = None
+        threshold = self.settings.direct_threshold
+        self.direct_threshold = threshold if threshold is not None else env.buffer_bytes
+        self.buffers = Buffers(self.settings.copy_programs)
+        self._cached: tuple[tuple[TensorSpec, ...], Manifest, PackingPlan] | None = None
         if report_to_pod is None:
             report_to_pod = PodAnnotator.available()
         self._annotator = PodAnnotator(env.namespace, f"{env.name}-trainer-0") if report_to_pod else None
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
-        self._announced: tuple[int | None, str] | None = None
+        self._announced: tuple[int | None, int, str] | None = None
         self._layout_cache: tuple[tuple[str, ...], list[torch.Size], list[torch.dtype], tuple[TensorSpec, ...]] | None \
             = None
 
@@ -55,7 +56,8 @@ class WeightSender(GroupMember):
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightSender:
         return cls(MemberEnv.from_env(environ), **kwargs)
 
-    def _manifest(self, specs: tuple[TensorSpec, ...], version: int, sums: tuple[int, ...]) -> tuple[Manifest, Plan]:
+    def _manifest(self, specs: tuple[TensorSpec, ...], version: int,
+                  sums: tuple[int, ...]) -> tuple[Manifest, PackingPlan]:
         if self._cached is not None and self._cached[0] is specs:
             _, cached, plan = self._cached
             return cached.with_version(version, sums), plan
@@ -98,47 +100,34 @@ class WeightSender(GroupMember):
         laid_out = time.perf_counter()
         group = self.group
         group.ensure_formed()
+        if group.formation_seconds:  # a sync's seconds do not include forming the group: reported on their own
+            shift = time.perf_counter() - laid_out
+            started, laid_out = started + shift, laid_out + shift
         with torch.no_grad():
             sums = tuple(int(checksum(t).item()) for t in sources) if self.env.checksums else ()
         manifest, plan = self._manifest(specs, version, sums)
         views = self.buffers.prepare(plan, specs, manifest.signature, self.env.num_buffers, group.device)
-        # The tensor list travels once per tensor set and epoch (a re-formed group may hold new members).
-        announced = self._announced == (group.epoch, manifest.signature)
-        self._announced = (group.epoch, manifest.signature)
-        seq = group.seq
-        group.seq += 1
+        # The tensor list travels once per tensor set and formation (a re-formed group may hold new members).
+        announced = self._announced == (group.epoch, group.formation, manifest.signature)
+        self._announced = (group.epoch, group.formation, manifest.signature)
         receivers = list(range(1, group.world_size))
-        deadline = time.monotonic() + group.timeout
+        sync = group.trainer_round(version, time.monotonic() + group.timeout)
 
         def body() -> SyncReport:
-            keys = group.keys
-            assert keys is not None
-            group.put_raw(f"sync/{seq}/manifest", manifest.to_json(include_tensors=not announced))
-            keys.put_many([group.bell_key(seq, r) for r in receivers], 1)
+            sync.announce(manifest.to_doc(include_tensors=not announced), receivers)
             announced_at = time.perf_counter()
-            # Every receiver answers before data moves: a mismatch is refused with nothing written, and a receiver
-            # that died while it waited is found here, not in the middle of a broadcast.
-            group.wait_all([f"sync/{seq}/verdict/{r}" for r in receivers], deadline, f"the manifest of v{version}")
-            problems = [f"{group.describe(r)}: {p}" for r in receivers
-                        for p in group.get(f"sync/{seq}/verdict/{r}")["problems"]]
-            group.put(f"sync/{seq}/go", {"problems": problems})
-            if problems:
-                raise ConfigMismatchError(f"sync v{version} refused before any data moved: " + "; ".join(problems))
+            sync.collect_verdicts()
             assert group.comm is not None
             with torch.no_grad():
-                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers,
-                                              group.checker(f"sync v{version}", deadline))
-            group.wait_all([f"sync/{seq}/ack/{r}" for r in receivers], deadline, f"the end of sync v{version}")
-            bad = [f"{group.describe(r)}: {e}" for r in receivers for e in group.get(f"sync/{seq}/ack/{r}")["errors"]]
-            group.put(f"sync/{seq}/done", {"problems": bad})
-            if bad:
-                raise ChecksumError(f"sync v{version} arrived corrupted: " + "; ".join(bad))
+                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers, sync.check,
+                                              self.settings.timeline)
+            sync.collect_acks()
             assert group.epoch is not None
             self.last_timings = {"layout_seconds": laid_out - started, "manifest_out_seconds": announced_at - started,
                                  "first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
                                  "buffer_bytes_allocated": self.buffers.nbytes}
             return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
-                                   tuple(receivers), group.comm.transport, group.epoch)
+                                   tuple(receivers), group.comm.transport, group.epoch, group.formation_seconds)
 
         report: SyncReport = group.run_guarded(f"sync v{version}", body)
         log.info(report.summary())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from weightsync.runtime.comm import Check, Communicator, Fence
 from weightsync.runtime.copies import BoundedCopies
-from weightsync.runtime.plan import Plan, TensorSpec, segments
+from weightsync.runtime.packing import PackingPlan, TensorSpec, segments
 
 from weightsync.contract import TRAINER_RANK
 
@@ -56,12 +56,12 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 class Buffers:
     """The packing buffers and, per tensor set, the views of every slot, both made once and reused."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_programs: int | None = 32) -> None:
         self.buffers: list[torch.Tensor] = []
         self._views: dict[tuple[str, str], list[list[torch.Tensor]]] = {}
-        self.copies = BoundedCopies()
+        self.copies = BoundedCopies(copy_programs)
 
-    def prepare(self, plan: Plan, specs: Sequence[TensorSpec], signature: str, num_buffers: int,
+    def prepare(self, plan: PackingPlan, specs: Sequence[TensorSpec], signature: str, num_buffers: int,
                 device: torch.device) -> list[list[torch.Tensor]]:
         """Buffers big enough for the plan's largest packed chunk; returns the slot views per chunk."""
         need = max((c.nbytes for c in plan.chunks if c.kind == "packed"), default=0)
@@ -131,7 +131,7 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
 class Timeline:
     """CUDA events around every pack, broadcast and unpack of one sync: where the GPU time of a sync went.
 
-    A diagnostic for the benchmark (set `TIMELINE`), never on in production: one event pair per chunk.
+    A diagnostic for the benchmark (RuntimeSettings.timeline), never on in production: one event pair per chunk.
     """
 
     def __init__(self) -> None:
@@ -157,19 +157,17 @@ class Timeline:
                  "end_ms": self.origin.elapsed_time(b)} for what, chunk, a, b in self.marks]
 
 
-#: Set to a `Timeline` to record the next syncs' GPU spans (benchmark diagnostics); None: nothing recorded.
-TIMELINE: Timeline | None = None
-
-
-def _span(comm: Communicator, what: str, chunk: int) -> contextlib.AbstractContextManager[None]:
+def _span(timeline: Timeline | None, comm: Communicator, what: str,
+          chunk: int) -> contextlib.AbstractContextManager[None]:
     stream = getattr(comm, "comm_stream" if what == "broadcast" else "compute_stream", None)
-    if TIMELINE is None or stream is None:
+    if timeline is None or stream is None:
         return contextlib.nullcontext()
-    return TIMELINE.span(what, chunk, stream)
+    return timeline.span(what, chunk, stream)
 
 
-def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
-                views: list[list[torch.Tensor]], buffers: Buffers, check: Check) -> tuple[float, float]:
+def send_chunks(comm: Communicator, plan: PackingPlan, sources: Sequence[torch.Tensor],
+                views: list[list[torch.Tensor]], buffers: Buffers, check: Check,
+                timeline: Timeline | None = None) -> tuple[float, float]:
     """Returns when every chunk is on the wire and done: (first broadcast enqueued, last enqueued), as
     perf_counter() values, to measure time to first byte and the host's own overhead.
 
@@ -191,7 +189,7 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
                         source = source.to(comm.device).contiguous()
                     comm.comm_wait(comm.compute_fence())
                 staged.append(source)
-            with _span(comm, "broadcast", chunk_indices[0]), comm.batch():
+            with _span(timeline, comm, "broadcast", chunk_indices[0]), comm.batch():
                 for source in staged:
                     comm.broadcast(as_bytes(source), TRAINER_RANK)
             first = first or time.perf_counter()
@@ -201,10 +199,10 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
         b = packed_index % len(wire)
         packed_index += 1
         comm.compute_wait(free_after[b], check)
-        with comm.compute_lane(), _span(comm, "pack", ci):
+        with comm.compute_lane(), _span(timeline, comm, "pack", ci):
             copies.copy(("pack", ci), views[ci], [sources[s.index] for s in chunk.slots], bounded=bool(first))
         comm.comm_wait(comm.compute_fence())
-        with _span(comm, "broadcast", ci):
+        with _span(timeline, comm, "broadcast", ci):
             comm.broadcast(wire[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
         free_after[b] = comm.comm_fence()
@@ -213,16 +211,17 @@ def send_chunks(comm: Communicator, plan: Plan, sources: Sequence[torch.Tensor],
     return first or enqueued, enqueued
 
 
-def destinations_by_chunk(plan: Plan, specs: Sequence[TensorSpec],
+def destinations_by_chunk(plan: PackingPlan, specs: Sequence[TensorSpec],
                           destinations: Mapping[str, torch.Tensor]) -> list[list[torch.Tensor]]:
     """Every chunk's destination tensors in slot order: computed once per tensor set and destination mapping,
     so a sync does no per-tensor look-ups."""
     return [[destinations[specs[s.index].name] for s in chunk.slots] for chunk in plan.chunks]
 
 
-def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
+def receive_chunks(comm: Communicator, plan: PackingPlan, specs: Sequence[TensorSpec], views: list[list[torch.Tensor]],
                    buffers: Buffers, targets: list[list[torch.Tensor]] | None,
-                   loader: Loader | None, checksums: ChecksumAccumulator, check: Check) -> float:
+                   loader: Loader | None, checksums: ChecksumAccumulator, check: Check,
+                   timeline: Timeline | None = None) -> float:
     """Returns once every chunk arrived and was delivered: the perf_counter() value at which the first
     receive was enqueued, to measure a receiver's own time to first byte.
 
@@ -239,7 +238,7 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
         if kind == "direct":
             # (spec index, landing tensor, the destination to copy into when it could not be the landing)
             landings: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-            with _span(comm, "broadcast", chunk_indices[0]), comm.batch():
+            with _span(timeline, comm, "broadcast", chunk_indices[0]), comm.batch():
                 for ci in chunk_indices:
                     index = plan.chunks[ci].slots[0].index
                     spec = specs[index]
@@ -252,7 +251,7 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
                     comm.broadcast(as_bytes(landings[-1][1]), TRAINER_RANK)
             first = first or time.perf_counter()
             comm.compute_wait(comm.comm_fence(), check)
-            with comm.compute_lane(), _span(comm, "unpack", chunk_indices[0]):
+            with comm.compute_lane(), _span(timeline, comm, "unpack", chunk_indices[0]):
                 for index, landing, target in landings:
                     checksums.add(index, landing)
                     if target is not None:
@@ -266,11 +265,11 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
         b = packed_index % len(wire)
         packed_index += 1
         comm.comm_wait(reusable_after[b])
-        with _span(comm, "broadcast", ci):
+        with _span(timeline, comm, "broadcast", ci):
             comm.broadcast(wire[b][: chunk.nbytes], TRAINER_RANK)
         first = first or time.perf_counter()
         comm.compute_wait(comm.comm_fence(), check)
-        with comm.compute_lane(), _span(comm, "unpack", ci):
+        with comm.compute_lane(), _span(timeline, comm, "unpack", ci):
             if checksums.enabled:
                 for slot, view in zip(chunk.slots, chunk_views, strict=True):
                     checksums.add(slot.index, view)
@@ -285,10 +284,10 @@ def receive_chunks(comm: Communicator, plan: Plan, specs: Sequence[TensorSpec], 
     return first
 
 
-_segments: dict[int, tuple[Plan, list[tuple[str, list[int]]]]] = {}
+_segments: dict[int, tuple[PackingPlan, list[tuple[str, list[int]]]]] = {}
 
 
-def segments_of(plan: Plan) -> list[tuple[str, list[int]]]:
+def segments_of(plan: PackingPlan) -> list[tuple[str, list[int]]]:
     """`segments(plan)`, computed once per plan object (the callers keep their plans)."""
     hit = _segments.get(id(plan))
     if hit is None or hit[0] is not plan:

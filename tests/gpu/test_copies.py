@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from local_members import make_tensors
 from weightsync.runtime import copies, nccl
-from weightsync.runtime.plan import make_plan
-from weightsync.runtime.testing import make_tensors
+from weightsync.runtime.packing import make_plan
 from weightsync.runtime.transfer import Buffers, send_chunks, spec_of
 
 pytestmark = pytest.mark.single_gpu

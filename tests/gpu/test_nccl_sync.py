@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from weightsync.runtime.testing import group_envs, run_group
+from local_members import group_envs, run_group
 
 pytestmark = pytest.mark.gpu
 

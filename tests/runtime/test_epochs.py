@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from weightsync.runtime.testing import (
+from local_members import (
     digest,
     end_on_command,
     group_envs,
@@ -57,7 +57,7 @@ def test_a_scale_up_reforms_the_group_and_the_next_sync_reaches_the_new_member(t
         end_on_command(commands, trainer, first)
 
 
-def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_keeps_one_waiting_thread() -> None:
+def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_leaves_no_thread_behind() -> None:
     ctx = mp.get_context("spawn")
     results, commands, signals = ctx.Queue(), ctx.Queue(), ctx.Queue()
     envs = group_envs(replicas=1, workers_per_replica=1, timeout=30)
@@ -75,6 +75,6 @@ def test_a_receiver_polling_with_a_timeout_gets_the_next_sync_and_keeps_one_wait
         assert "error" not in out[0] and "error" not in out[1], out
         assert out[1]["version"] == 1 and out[1]["digest"] == out[0]["digest"] == digest(make_tensors(40, 1))
         assert out[1]["timeouts"] >= 3
-        assert out[1]["bell_threads"] <= 1, "every timed-out wait was resumed, not abandoned with a thread"
+        assert out[1]["runtime_threads"] <= 1, "timed-out waits leave no thread behind (only the heartbeat)"
     finally:
         end_on_command(commands, trainer, engine)

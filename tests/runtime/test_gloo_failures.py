@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from weightsync.runtime.testing import group_envs, run_group
+from local_members import group_envs, run_group
 
 TIMEOUT = 15.0
 SLACK = 8.0  # process start-up and teardown around the bound, on a loaded 2-core machine
@@ -90,7 +90,7 @@ def test_a_member_told_to_stop_while_waiting_leaves_at_once_and_is_named_to_the_
     import os
     import signal
 
-    from weightsync.runtime.testing import end_on_command, run_receiver, run_trainer_on_command
+    from local_members import end_on_command, run_receiver, run_trainer_on_command
 
     ctx = mp.get_context("spawn")
     results, commands = ctx.Queue(), ctx.Queue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from weightsync.runtime.testing import group_envs, run_group
+from local_members import group_envs, run_group
 
 
 @pytest.mark.parametrize("buffer_bytes", [1 << 16, 1 << 30], ids=["small-buffers", "default-buffers"])

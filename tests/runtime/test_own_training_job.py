@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from weightsync.runtime.testing import (
+from local_members import (
     free_port,
     group_envs,
     run_receiver,

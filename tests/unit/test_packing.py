@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weightsync.runtime.plan import ALIGNMENT, TensorSpec, make_plan, segments
+from weightsync.runtime.packing import ALIGNMENT, TensorSpec, make_plan, segments
 from weightsync.runtime.transfer import Buffers, dtype_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8, torch.int16,

@@ -1,0 +1,44 @@
+"""A sync group of local processes: the contract of a trainer and its inference workers on one machine.
+
+For trying a loader or a benchmark without a cluster: every member is a real process talking over loopback
+(gloo) or NVLink (NCCL); `group_envs` gives each its `MemberEnv`, as the operator would inject it.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import socket
+from typing import Any
+
+from weightsync.contract import MemberEnv
+
+
+def free_port() -> int:
+    """A port that is free now and outside Linux's ephemeral range (32768-60999): the store binds it only
+    later, in another process, and meanwhile NCCL and gloo open many ephemeral sockets that could take it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
+def group_envs(replicas: int, workers_per_replica: int, *, backend: str = "gloo", port: int | None = None,
+               timeout: float = 30.0, **overrides: Any) -> list[MemberEnv]:
+    """The contract of a trainer plus `replicas` inference pods, all on this machine."""
+    world = 1 + replicas * workers_per_replica
+    common = {"name": "local", "namespace": "default", "master_addr": "127.0.0.1",
+              "master_port": port or free_port(), "world_size": world, "backend": backend,
+              "token": secrets.token_hex(16), "timeout_seconds": timeout,
+              "annotations_file": "/nonexistent/weightsync-annotations", **overrides}
+    envs = [MemberEnv(role="trainer", rank_offset=0, local_world_size=1, **common)]
+    for r in range(replicas):
+        envs.append(MemberEnv(role="inference", rank_offset=1 + r * workers_per_replica,
+                              local_world_size=workers_per_replica, **common))
+    return envs
