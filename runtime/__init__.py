@@ -12,6 +12,7 @@
 from weightsync.runtime.errors import (
     ChecksumError,
     ConfigMismatchError,
+    GroupReformedError,
     PeerLostError,
     RendezvousError,
     TamperedValueError,
@@ -25,6 +26,7 @@ from weightsync.runtime.settings import NcclTuning, RuntimeSettings
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
+    "GroupReformedError",
     "NcclTuning",
     "PeerLostError",
     "RendezvousError",

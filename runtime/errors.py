@@ -31,6 +31,11 @@ class PeerLostError(WeightSyncError):
         self.ranks = ranks
 
 
+class GroupReformedError(PeerLostError):
+    """This member's sync was abandoned because the trainer re-formed the group after another member's
+    failure (named in the message and in `ranks`); the next send/receive joins the new formation."""
+
+
 class TransportError(WeightSyncError):
     """The communicator failed (a gloo socket reset, an NCCL error); the group names the member at fault
     in a PeerLostError when it can tell who it is."""

@@ -26,6 +26,7 @@ import torch
 from weightsync.runtime.comm import Communicator, GlooCommunicator
 from weightsync.runtime.errors import (
     ConfigMismatchError,
+    GroupReformedError,
     PeerLostError,
     RendezvousError,
     TamperedValueError,
@@ -38,7 +39,8 @@ from weightsync.runtime.liveness import Liveness
 from weightsync.runtime.manifest import TransferConfig
 from weightsync.runtime.sealing import Sealer
 from weightsync.runtime.settings import RuntimeSettings
-from weightsync.runtime.store import StoreAuthError, StoreClient, StoreServer, StoreUnreachable
+from weightsync.runtime.store import StoreAuthError, StoreClient, StoreUnreachable
+from weightsync.runtime.store_process import StoreProcess
 from weightsync.runtime.transfer import Buffers
 
 from weightsync.contract import TRAINER_RANK, MemberEnv
@@ -83,7 +85,7 @@ class SyncGroup:
         self.liveness: Liveness | None = None
         self.members: dict[int, dict[str, Any]] = {}
         self.seq = 0
-        self._server: StoreServer | None = None
+        self._server: StoreProcess | None = None
         self._client: StoreClient | None = None
         self._beat_client: StoreClient | None = None
         self._last_check = 0.0
@@ -127,7 +129,7 @@ class SyncGroup:
         if self.is_trainer:
             if self._server is None:
                 try:
-                    self._server = StoreServer(env.master_port, env.token)
+                    self._server = StoreProcess(env.master_port, env.token)
                 except OSError as err:
                     raise RendezvousError(f"cannot host the rendezvous store on port {env.master_port}: {err}") \
                         from err
@@ -309,7 +311,7 @@ class SyncGroup:
         assert keys is not None and epoch is not None
         others = list(range(1, self.world_size))
         try:
-            keys.wait([fkeys.join(r) for r in others], deadline, self._moved_check(epoch))
+            joins = keys.wait([fkeys.join(r) for r in others], deadline, self._moved_check(epoch))
         except TimeoutError:
             present = keys.has([fkeys.join(r) for r in others])
             missing = tuple(r for r, there in zip(others, present, strict=True) if not there)
@@ -317,7 +319,7 @@ class SyncGroup:
                 f"{len(missing)} of {self.world_size - 1} members never arrived within {self.timeout:.0f}s at "
                 f"epoch {epoch} (formation {self.formation}): {self._describe_many(missing)}",
                 missing_ranks=missing) from None
-        for r, joined in zip(others, keys.get_many([fkeys.join(r) for r in others]), strict=True):
+        for r, joined in zip(others, joins, strict=True):
             self.members[r] = joined
         sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != self.world_size}
         nccl_id = ""
@@ -337,13 +339,12 @@ class SyncGroup:
         assert keys is not None and epoch is not None
         # The trainer knows who is missing and says so: give it a moment past the common deadline.
         try:
-            keys.wait([fkeys.group], deadline + 2.0, self._moved_check(epoch))
+            group = keys.wait([fkeys.group], deadline + 2.0, self._moved_check(epoch))[0]
         except TimeoutError:
             raise RendezvousError(
                 f"{self.describe(TRAINER_RANK)} did not form the group within {self.timeout:.0f}s at epoch {epoch} "
                 f"(formation {self.formation}); some other member is missing or the trainer is stuck",
                 missing_ranks=(TRAINER_RANK,)) from None
-        group = keys.get(fkeys.group)
         members = {int(r): m for r, m in group["members"].items()}
         if members.get(self.rank, {}).get("nonce") != nonce:
             raise RendezvousError(f"the group record of epoch {epoch} formation {self.formation} does not answer "
@@ -407,8 +408,11 @@ class SyncGroup:
             if not self.is_trainer:
                 record = self._read(keys, FORMATION)
                 if record is not None and int(record["formation"]) != self.formation:
-                    raise PeerLostError(f"{what} was abandoned: the trainer re-formed the group (formation "
-                                        f"{record['formation']})", ranks=())
+                    after = record.get("after") or {}
+                    cause = f" after: {self._abort_message(after, what)}" if after else ""
+                    raise GroupReformedError(f"{what} was abandoned: the trainer re-formed the group (formation "
+                                             f"{record['formation']}){cause}",
+                                             ranks=tuple(int(r) for r in after.get("ranks", ())))
             liveness.raise_if_lost(range(self.world_size) if self.is_trainer else [TRAINER_RANK], what,
                                    self.describe)
 
@@ -479,31 +483,35 @@ class SyncGroup:
         if isinstance(err, StoreUnreachable) or (isinstance(err, PeerLostError) and TRAINER_RANK in err.ranks
                                                  and not self.is_trainer):
             self._drop_connections()  # the store (the trainer) is gone: connect afresh next time
-        if self.keys is not None:
+        if self.keys is not None and not isinstance(err, GroupReformedError):  # (that one is known to all)
             ranks = list(getattr(err, "ranks", ()) or getattr(err, "missing_ranks", ()))
             reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
                       else str(err) or type(err).__name__)
             self._abort_pending = {"by": self.rank, "reason": reason, "ranks": ranks or [self.rank]}
-            self._post_pending_abort()
+            abort = self._post_pending_abort()
             if self.is_trainer and self._client is not None:
-                with contextlib.suppress(WeightSyncError):
-                    self.keys.put(FORMATION, {"formation": self.formation + 1})
+                with contextlib.suppress(WeightSyncError):  # members that missed the abort learn why here
+                    self.keys.put(FORMATION, {"formation": self.formation + 1, "after": abort})
         if self.comm is not None:
             self.comm.abort()
         self._teardown_formation()
 
-    def _post_pending_abort(self) -> None:
+    def _post_pending_abort(self) -> dict[str, Any] | None:
         """Post this member's abort unless another member's is there (best effort: a store that is gone or
-        stopped is told later, when it answers again)."""
-        if self._abort_pending is None or self.keys is None or self._client is None:
-            self._abort_pending = None if self._client is None else self._abort_pending
-            return
+        stopped is told later, when it answers again). Returns the abort the store holds, if known."""
+        pending = self._abort_pending
+        if pending is None or self.keys is None or self._client is None:
+            if self._client is None:
+                self._abort_pending = None
+            return pending
         try:
-            if self._read(self.keys, self.fkeys.abort) is None:
-                self.keys.put(self.fkeys.abort, self._abort_pending)
+            there = self._read(self.keys, self.fkeys.abort)
+            if there is None:
+                self.keys.put(self.fkeys.abort, pending)
             self._abort_pending = None
+            return there if there is not None else pending
         except WeightSyncError:
-            pass
+            return pending
 
     def run_guarded(self, what: str, body: Callable[[], Any],
                     passthrough: tuple[type[BaseException], ...] = ()) -> Any:

@@ -100,9 +100,9 @@ class Round:
     def _k(self, rest: str) -> str:
         return self.formation.round(self.seq) + rest
 
-    def _wait(self, keys: list[str], what: str, ranks: list[int]) -> None:
+    def _wait(self, keys: list[str], what: str, ranks: list[int]) -> list[Any]:
         try:
-            self.keys.wait(keys, self.deadline, self.check)
+            return self.keys.wait(keys, self.deadline, self.check)
         except TimeoutError:
             missing = [r for r, there in zip(ranks, self.keys.has(keys), strict=True) if not there]
             raise PeerLostError("; ".join(f"{self.describe(r)} did not answer {what} within {self.timeout:.0f}s "
@@ -122,23 +122,21 @@ class TrainerRound(Round):
         """Every receiver answers before data moves: a mismatch is refused with nothing written, and a
         receiver that died while it waited is found here, not in the middle of a broadcast."""
         names = [self._k(f"verdict/{r}") for r in self.receivers]
-        self._wait(names, f"the manifest of {self.version_hint}", self.receivers)
-        verdicts = self.keys.get_many(names)
+        verdicts = self._wait(names, f"the manifest of {self.version_hint}", self.receivers)
         problems = [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
                     for p in v["problems"]]
         self.keys.put(self._k("go"), {"problems": problems})
-        if self.seq > 0:  # every receiver is past the previous sync
-            self.keys.delete_prefix(self.formation.round(self.seq - 1))
         if problems:
             raise ConfigMismatchError(f"sync {self.version_hint} refused before any data moved: "
                                       + "; ".join(problems))
 
     def collect_acks(self) -> None:
         names = [self._k(f"ack/{r}") for r in self.receivers]
-        self._wait(names, f"the end of sync {self.version_hint}", self.receivers)
-        acks = self.keys.get_many(names)
+        acks = self._wait(names, f"the end of sync {self.version_hint}", self.receivers)
         bad = [f"{self.describe(r)}: {e}" for r, a in zip(self.receivers, acks, strict=True) for e in a["errors"]]
         self.keys.put(self._k("done"), {"problems": bad})
+        if self.seq > 0:  # every receiver answered this sync's manifest, so all are past the previous one
+            self.keys.delete_prefix(self.formation.round(self.seq - 1))
         if bad:
             raise ChecksumError(f"sync {self.version_hint} arrived corrupted: " + "; ".join(bad))
 
@@ -158,8 +156,7 @@ class ReceiverRound(Round):
         self.keys.put(self._k(f"verdict/{self.rank}"), {"problems": problems})
 
     def await_go(self) -> None:
-        self._wait([self._k("go")], f"the trainer's go for {self.version_hint}", [0])
-        refused = self.keys.get(self._k("go"))["problems"]
+        refused = self._wait([self._k("go")], f"the trainer's go for {self.version_hint}", [0])[0]["problems"]
         if refused:
             raise ConfigMismatchError(f"sync {self.version_hint} refused before any data moved: "
                                       + "; ".join(refused))
@@ -169,8 +166,7 @@ class ReceiverRound(Round):
 
     def await_done(self) -> None:
         """A sync counts only once every member has it: wait for the trainer's word on the others."""
-        self._wait([self._k("done")], f"the trainer's confirmation of {self.version_hint}", [0])
-        bad = self.keys.get(self._k("done"))["problems"]
+        bad = self._wait([self._k("done")], f"the trainer's confirmation of {self.version_hint}", [0])[0]["problems"]
         if bad:
             raise ChecksumError(f"sync {self.version_hint} arrived corrupted elsewhere: " + "; ".join(bad))
 

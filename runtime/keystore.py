@@ -133,25 +133,27 @@ class KeyStore:
             raise trainer_unreachable(err) from err
 
     # --------------------------------------------------------------------------------------- waiting
-    def wait(self, keys: Sequence[str], deadline: float, on_poll: Callable[[], None]) -> None:
-        """Return once every key exists; `on_poll` runs between slices of the wait and may raise.
+    def wait(self, keys: Sequence[str], deadline: float, on_poll: Callable[[], None]) -> list[Any]:
+        """Return the values of `keys` once every one exists; `on_poll` runs between slices of the wait and
+        may raise.
 
         Raises TimeoutError listing the keys still missing at `deadline`. The wait blocks in the store, so it
-        ends the moment the last key is written."""
+        ends the moment the last key is written, and brings the values back in the same round trip."""
         full = [self.full_name(k) for k in keys]
         while True:
             now = time.monotonic()
             try:
-                if self.client.wait(full, max(min(deadline - now, WAIT_SLICE_SECONDS), 0.0)):
-                    return
+                raw = self.client.wait_get(full, max(min(deadline - now, WAIT_SLICE_SECONDS), 0.0))
             except StoreUnreachable as err:
                 raise trainer_unreachable(err) from err
+            if raw is not None:
+                return [self._open(f, r) for f, r in zip(full, raw, strict=True)]
             on_poll()
             if time.monotonic() >= deadline:
                 present = self.has(keys)
                 missing = [k for k, there in zip(keys, present, strict=True) if not there]
                 if not missing:
-                    return
+                    return self.get_many(keys)
                 raise TimeoutError(", ".join(missing))
 
     # ------------------------------------------------------------------------------------- clean-up

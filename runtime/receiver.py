@@ -165,10 +165,9 @@ class WeightReceiver(GroupMember):
                 assert keys is not None
                 seq = group.seq
                 announced = manifest_key(group.fkeys, seq)
-                group.run_guarded("the wait for the next sync",
-                                  functools.partial(keys.wait, [announced], float("inf"), idle),
-                                  passthrough=(_Moved, _NoSync))
-                doc = keys.get(announced)
+                doc = group.run_guarded("the wait for the next sync",
+                                        functools.partial(keys.wait, [announced], float("inf"), idle),
+                                        passthrough=(_Moved, _NoSync))[0]
             except _Moved:
                 group.leave_formation()
                 continue

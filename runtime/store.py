@@ -1240,3 +1240,41 @@ def _c10d_class() -> type:
 
     _C10D_CLASS = C10dStore
     return C10dStore
+
+
+def serve_main() -> None:
+    """Serve as a process of its own (`python store.py`), started by `store_process.StoreProcess`.
+
+    The token and settings arrive as one JSON line on stdin (never argv, which /proc shows to every user of
+    the machine); the bound port, or the error, goes to stdout as one JSON line. The server ends when stdin
+    closes or the parent changes (the process that started it is gone, whatever killed it)."""
+    import json
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the trainer, which closes us
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parent = os.getppid()
+    config = json.loads(sys.stdin.readline())
+    try:
+        server = StoreServer(int(config["port"]), str(config["token"]), host=str(config.get("host", "")))
+    except (OSError, ValueError) as err:
+        print(json.dumps({"error": str(err)}), flush=True)
+        sys.exit(1)
+    print(json.dumps({"port": server.port}), flush=True)
+    eof = threading.Event()
+
+    def read_until_eof() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.read(4096):
+                pass
+        eof.set()
+
+    threading.Thread(target=read_until_eof, name="weightsync-store-parent", daemon=True).start()
+    while not eof.wait(1.0) and os.getppid() == parent:
+        pass
+    server.close()
+
+
+if __name__ == "__main__":
+    serve_main()

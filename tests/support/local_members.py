@@ -408,8 +408,8 @@ def run_trainer_reporting_store(env: MemberEnv, count: int, syncs: int, results:
                 named = variants[v % len(variants)]
                 sender.send(named, version=v)
                 if v % sample_every == 0 or v == syncs - 1:
-                    assert sender.group._server is not None
-                    samples.append({"version": v, **sender.group._server.stats()})
+                    assert sender.group._client is not None
+                    samples.append({"version": v, **sender.group._client.stats()})
             results.put(_result(0, samples=samples, digest=digest(named)))
     except BaseException as err:
         results.put(_error(0, err))
