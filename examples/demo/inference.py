@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import demo_log
 import torch
 from demo_model import build_model, checksum, probe
-from weightsync.runtime import PeerLostError, RendezvousError, WeightReceiver, WeightSyncError
+from weightsync.runtime import ConfigMismatchError, WeightReceiver, WeightSyncError
 
 from weightsync.contract import MemberEnv
 
@@ -83,20 +83,20 @@ def run_worker(local_rank: int) -> int:
     while True:
         try:
             report = receiver.receive(into=state) if style == "into" else receiver.receive(load_weights)
-        except (PeerLostError, RendezvousError) as err:
+        except ConfigMismatchError as err:
+            if _stopping:
+                return 0
+            log(f"giving up: {err}")
+            return 1
+        except WeightSyncError as err:  # the group re-forms (by itself, or at the operator's next epoch)
             if _stopping:
                 return 0
             failures += 1
             log(f"receive failed ({failures}/{MAX_FAILURES}): {err}")
             if failures >= MAX_FAILURES:
                 return 1
-            log("waiting for the operator's next epoch to re-form the group")
+            log("re-joining the group")
             continue
-        except WeightSyncError as err:
-            if _stopping:
-                return 0
-            log(f"giving up: {err}")
-            return 1
         failures = 0
         output, mean = probe(model)
         log(f"loaded v={report.version} epoch={report.epoch} rank={receiver.rank} checksum={checksum(model)} "

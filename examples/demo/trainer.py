@@ -36,7 +36,7 @@ import zlib
 import demo_log
 import torch
 from demo_model import build_model, checksum, probe, train_step
-from weightsync.runtime import PeerLostError, RendezvousError, SyncReport, WeightSender
+from weightsync.runtime import ConfigMismatchError, SyncReport, WeightSender, WeightSyncError
 
 #: Consecutive failed attempts at one sync before the trainer gives up (its pod then fails and the
 #: operator re-creates it, within the WeightSync's failurePolicy).
@@ -60,16 +60,20 @@ def on_sigterm(signum: int, frame: object) -> None:
 
 
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
-    """Send the model's state as `version`, re-trying (at the operator's next epoch) when a member is lost."""
+    """Send the model's state as `version`, re-trying when the sync fails: the group re-forms (by itself, or at
+    the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
+    configuration that can never work (a mismatch) ends it."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             return sender.send(model.state_dict().items(), version=version)
-        except (PeerLostError, RendezvousError) as err:
+        except ConfigMismatchError:
+            raise
+        except WeightSyncError as err:
             if _stopping:
                 raise SystemExit(0) from None
             log(f"sync v={version} failed (attempt {attempt}/{MAX_ATTEMPTS}): {err}")
             if attempt < MAX_ATTEMPTS:
-                log("waiting for the operator's next epoch to re-form the group")
+                log("re-forming the group and sending again")
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
 
 

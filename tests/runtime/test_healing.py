@@ -21,6 +21,7 @@ from local_members import (
 COUNT = 30
 TIMEOUT = 6.0
 SLACK = 8.0  # process start-up and teardown around the bound, on a loaded 2-core machine
+LOAD_SLACK = 3.0  # scheduling delays on a loaded 2-core machine, beyond the one second the product allows
 
 
 class Outcomes:
@@ -76,7 +77,11 @@ def test_a_member_stopped_past_the_threshold_is_named_then_the_group_heals_witho
         named_after = time.monotonic() - stopped_at
         assert failed.get("error") == "PeerLostError", failed
         assert "rank 2" in failed["message"] and failed["ranks"] == [2], failed["message"]
-        assert named_after <= 2 * TIMEOUT + SLACK, named_after  # the threshold follows the timeout
+        # Named within the timeout plus a second (the threshold follows the timeout), plus scheduling slack.
+        assert TIMEOUT - 1.0 <= named_after <= TIMEOUT + 1.0 + LOAD_SLACK, named_after
+        other = results.wait_for(lambda r: r["rank"] == 1 and "error" in r, 10)
+        assert "rank 2" in other["message"] and 2 in other["ranks"], other["message"]
+        assert other["at"] - failed["at"] <= 1.0 + LOAD_SLACK, "the other receiver learnt it as soon as the trainer"
         os.kill(stopped.pid, signal.SIGCONT)
 
         healed = results.send(commands, 2, 3 * TIMEOUT + SLACK)
