@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from weightsync import contract
+from weightsync.api import models
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_DOC = ROOT / "docs" / "reference" / "env.md"
@@ -28,8 +29,11 @@ ANNOTATIONS = (
     (contract.ENDPOINTS_ANNOTATION, "operator", "trainer",
      "The inference pods' DNS names at the current epoch, comma-separated, in replica order."),
     (contract.LAST_SYNC_ANNOTATION, "trainer's runtime", "trainer",
-     "The last sync report (JSON: version, tensors, bytes, seconds, gbps, acked, transport, epoch, time); "
-     "the operator copies it into `status.lastSync`."),
+     "The last sync report (JSON: version, tensors, bytes, seconds, gbps, acked, transport, epoch, time, "
+     f"formation_seconds; at most {models.MAX_SYNC_REPORT_BYTES // 1024} KiB); the operator copies it into "
+     "`status.lastSync` within the bounds that field documents. One that does not fit is dropped "
+     "(`status.lastSync` keeps the previous report) with a Warning event `InvalidSyncReport` naming the "
+     "field, and recorded in `status.rejectedSyncReport`."),
 )
 
 

@@ -245,18 +245,30 @@ def pod(group: Group, slot: Slot) -> Obj:
         },
     ]
     ours = env_vars(group, slot)
-    for i, container in enumerate(spec["containers"]):
+    for container in spec["containers"]:
         container["env"] = [*ours, *(container.get("env") or [])]
         container["volumeMounts"] = [
             *(container.get("volumeMounts") or []),
             {"name": c.PODINFO_VOLUME, "mountPath": c.PODINFO_PATH, "readOnly": True},
         ]
-        if i == 0 and group.spec.network.rdma_resource:
-            resources = container.setdefault("resources", {})
-            count = str(group.spec.network.rdma_count)
-            for kind in ("limits", "requests"):
-                resources.setdefault(kind, {})[group.spec.network.rdma_resource] = count
+    _add_rdma(spec["containers"], group.spec.network.rdma_resource, group.spec.network.rdma_count)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def _sets_resource(container: Obj, resource: str) -> bool:
+    resources = container.get("resources") or {}
+    return any(resource in (resources.get(kind) or {}) for kind in ("limits", "requests"))
+
+
+def _add_rdma(containers: list[Obj], resource: str | None, count: int) -> None:
+    """The RDMA device, rdmaCount in limits and requests of the first container, unless a container already
+    sets that resource (the template then decides how many, and where). Nothing else is touched."""
+    if not resource or any(_sets_resource(container, resource) for container in containers):
+        return
+    first = containers[0]
+    resources = first["resources"] = dict(first.get("resources") or {})
+    for kind in ("limits", "requests"):
+        resources[kind] = {**(resources.get(kind) or {}), resource: str(count)}
 
 
 def pods(group: Group) -> dict[str, Obj]:

@@ -16,6 +16,10 @@ recorded before it is acted on:
   `PODINFO_MOUNT_PATH`: they re-join in place without a restart.
 - `restarts` > `failurePolicy.maxRestarts` -> phase Failed; nothing is created or deleted any more (the
   pods stay for inspection). Raising maxRestarts resumes.
+- The trainer's sync report (its pod's annotation weightsync.dev/last-sync) is untrusted input: one that
+  does not parse within bounds (`sync_report.py`) is dropped, `status.lastSync` keeps the previous one,
+  `status.rejectedSyncReport` records its digest and an InvalidSyncReport event says what is wrong, once
+  per distinct value. It never holds up anything else.
 - A template env var with a reserved WEIGHTSYNC_* name -> phase Failed, a condition and an event, and
   nothing is created.
 - Pod template changes apply to members created afterwards (a StatefulSet's OnDelete strategy): the
@@ -26,7 +30,6 @@ recorded before it is acted on:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -39,12 +42,13 @@ from weightsync.api.models import (
     LastSync,
     Member,
     Phase,
+    RejectedSyncReport,
     WeightSyncSpec,
     WeightSyncStatus,
 )
 
 from . import constants as c
-from . import desired
+from . import desired, sync_report
 
 Obj = dict[str, Any]
 TERMINATED = ("Failed", "Succeeded")
@@ -211,14 +215,46 @@ def set_condition(
     return [*(cond for cond in conditions if cond.type != type_), new]
 
 
-def _last_sync(trainer: ObservedPod | None, previous: LastSync | None) -> LastSync | None:
+@dataclass(frozen=True)
+class SyncReportOutcome:
+    """What the trainer's annotation makes of status.lastSync and status.rejectedSyncReport."""
+
+    last_sync: LastSync | None
+    rejected: RejectedSyncReport | None
+    event: Event | None = None
+
+
+def sync_report_outcome(trainer: ObservedPod | None, old: WeightSyncStatus, now: datetime) -> SyncReportOutcome:
+    """A valid report replaces lastSync (and clears rejectedSyncReport); a bad one keeps the previous
+    lastSync, is recorded by its digest, and is announced by an event only when its value is new."""
     raw = trainer.annotations.get(c.LAST_SYNC) if trainer is not None else None
-    if not raw:
-        return previous
+    if trainer is None or not raw:  # no report (yet): nothing changes
+        return SyncReportOutcome(old.last_sync, old.rejected_sync_report)
     try:
-        return LastSync.model_validate(json.loads(raw))
-    except (ValueError, ValidationError):
-        return previous
+        return SyncReportOutcome(sync_report.parse(raw), None)
+    except sync_report.InvalidSyncReport as err:
+        digest = sync_report.digest(raw)
+        if old.rejected_sync_report is not None and old.rejected_sync_report.digest == digest:
+            return SyncReportOutcome(old.last_sync, old.rejected_sync_report)
+        kept = f"status.lastSync keeps version {old.last_sync.version}" if old.last_sync else "no status.lastSync yet"
+        rejected = RejectedSyncReport(digest=digest, message=str(err), time=rfc3339(now))
+        message = f"dropped the report in {c.LAST_SYNC} of pod {trainer.name}: {err}; {kept}"
+        event = Event("Warning", c.REASON_INVALID_REPORT, message)
+        return SyncReportOutcome(old.last_sync, rejected, event)
+
+
+def _old_status(raw: Obj) -> WeightSyncStatus:
+    """The stored status; a lastSync that no longer fits the model (written before its bounds) is dropped."""
+    try:
+        return WeightSyncStatus.model_validate(raw)
+    except ValidationError:
+        if "lastSync" not in raw:
+            raise
+        return WeightSyncStatus.model_validate({k: v for k, v in raw.items() if k != "lastSync"})
+
+
+#: Status fields the planner may drop: the status is written as a merge patch, so a dropped one is sent as null.
+_REMOVABLE = ("lastSync", "rejectedSyncReport")
 
 
 def _drift(observed: Obj, wanted: Obj, keys: tuple[str, ...]) -> Obj:
@@ -243,7 +279,7 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
 
     `token` is a fresh random token, used only if the Secret has to be created.
     """
-    old = WeightSyncStatus.model_validate(ws.status or {})
+    old = _old_status(ws.status or {})
     spec = WeightSyncSpec.model_validate(ws.spec)
     conditions = list(old.conditions)
     gen = ws.generation
@@ -383,6 +419,10 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
             )
         )
 
+    report = sync_report_outcome(live.get(c.trainer_pod_name(ws.name)), old, now)
+    if report.event is not None:
+        events.append(report.event)
+
     # Status.
     members = [
         Member(
@@ -448,10 +488,13 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         members=members,
         restarts=restarts,
         last_failure_time=last_failure,
-        last_sync=_last_sync(live.get(c.trainer_pod_name(ws.name)), old.last_sync),
+        last_sync=report.last_sync,
+        rejected_sync_report=report.rejected,
     )
+    dumped = _dump(status)
+    dumped.update({key: None for key in _REMOVABLE if key in (ws.status or {}) and key not in dumped})
     return Plan(
-        status=_dump(status),
+        status=dumped,
         actions=actions,
         events=events,
         requeue_after=requeue,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from weightsync.operator import constants as c
 from weightsync.sandbox import Sandbox
 from weightsync.sandbox.waiting import wait_for
 
+from weightsync.api.models import MAX_STATUS_INT
 from weightsync.contract import MemberEnv
 
 from .conftest import OperatorProcess
@@ -25,6 +27,8 @@ from .conftest import OperatorProcess
 pytestmark = pytest.mark.cluster
 
 TIMEOUT_S = 90.0
+#: The operator fixture's --resync-seconds.
+RESYNC_SECONDS = 3.0
 FAIL_ANNOTATION = "test.weightsync.dev/fail"
 
 MEMBER = textwrap.dedent(
@@ -466,6 +470,48 @@ def test_last_sync_reaches_status_through_the_trainers_own_pod(
     assert st["lastSync"]["gbps"] == 360.19 and st["lastSync"]["transport"] == "gloo"
     row = sandbox.kubectl("get", "ws", "ws", "-n", namespace, "--no-headers").stdout.split()
     assert row[1:6] == ["Ready", "2/2", "0", "42", "360.19"]
+
+
+def test_a_bad_sync_report_is_dropped_with_one_event_and_never_blocks_a_scale(
+    sandbox: Sandbox, namespace: str, operator: OperatorProcess
+) -> None:
+    """The trainer may write anything on its own pod: a value the API server cannot store (int64) is
+    dropped with one InvalidSyncReport event, and the group still scales and reports (issue 12)."""
+    apply(sandbox, namespace, manifest(replicas=3))
+    wait_ready(sandbox, namespace, 0, 4)
+    as_trainer = f"--as=system:serviceaccount:{namespace}:default"
+
+    def version(st: dict[str, Any]) -> Any:
+        return (st.get("lastSync") or {}).get("version")
+
+    def report(value: str) -> None:
+        patch = json.dumps({"metadata": {"annotations": {c.LAST_SYNC: value}}})
+        sandbox.kubectl("patch", "pod", "ws-trainer-0", "-n", namespace, "--type=merge", "-p", patch, as_trainer)
+
+    # the largest version the model admits is one the API server stores
+    report(json.dumps({"version": MAX_STATUS_INT, "epoch": 0, "time": "2026-01-01T00:00:00Z"}))
+    wait_status(sandbox, namespace, "the largest version", lambda s: version(s) == MAX_STATUS_INT)
+    report('{"version": 99999999999999999999}')
+    wait_for(
+        lambda: events(sandbox, namespace, c.REASON_INVALID_REPORT), TIMEOUT_S, "an InvalidSyncReport event",
+        describe=lambda: json.dumps(status(sandbox, namespace)),
+    )  # fmt: skip
+    (message,) = events(sandbox, namespace, c.REASON_INVALID_REPORT)
+    assert "ws-trainer-0" in message and "version: Input should be less than or equal to" in message, message
+    st = status(sandbox, namespace)
+    assert st["lastSync"]["version"] == MAX_STATUS_INT and st["rejectedSyncReport"]["message"].startswith("version")
+
+    sandbox.kubectl("scale", "ws/ws", "-n", namespace, "--replicas=2")
+    st = wait_ready(sandbox, namespace, 1, 3)
+    assert st["worldSize"] == 3 and st["lastSync"]["version"] == MAX_STATUS_INT
+    wait_for(lambda: sorted(pods(sandbox, namespace)) == expected_children(2)["pods"], TIMEOUT_S, "scale-down")
+    assert events(sandbox, namespace, c.REASON_SCALED)
+    time.sleep(2 * RESYNC_SECONDS)  # resyncs, with the bad value still on the pod
+    assert len(events(sandbox, namespace, c.REASON_INVALID_REPORT)) == 1, "announced once, not every resync"
+
+    report(json.dumps({"version": 43, "transport": "gloo"}))
+    st = wait_status(sandbox, namespace, "the next good report", lambda s: version(s) == 43)
+    assert "rejectedSyncReport" not in st
 
 
 # --- peering ---------------------------------------------------------------------------------------------

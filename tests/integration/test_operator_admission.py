@@ -90,6 +90,36 @@ BAD = [
         "spec.network.rdmaResource needs spec.transport.backend 'nccl'",
     ),
     (
+        "rdma-kubernetes-io",
+        edit(spec_set("network.rdmaResource", "kubernetes.io/ib")),
+        "spec.network.rdmaResource must not be in the kubernetes.io domain",
+    ),
+    (
+        "rdma-sub-kubernetes-io",
+        edit(spec_set("network.rdmaResource", "rdma.kubernetes.io/ib")),
+        "spec.network.rdmaResource must not be in the kubernetes.io domain",
+    ),
+    (
+        "rdma-memory",
+        edit(spec_set("network.rdmaResource", "memory")),
+        "spec.network.rdmaResource must be an extended resource name",
+    ),
+    (
+        "rdma-unprefixed",
+        edit(spec_set("network.rdmaResource", "ib")),
+        "spec.network.rdmaResource must be an extended resource name",
+    ),
+    (
+        "rdma-quota-prefix",
+        edit(spec_set("network.rdmaResource", "requests.rdma/ib")),
+        "spec.network.rdmaResource must not start with 'requests.'",
+    ),
+    (
+        "rdma-long-domain",
+        edit(spec_set("network.rdmaResource", "a" * 245 + "/ib")),
+        "spec.network.rdmaResource: the domain before '/' must be at most 244 characters",
+    ),
+    (
         "backoff-bounds",
         edit(spec_set("failurePolicy", {"backoffSeconds": 30, "maxBackoffSeconds": 10})),
         "spec.failurePolicy.maxBackoffSeconds must be at least spec.failurePolicy.backoffSeconds",
@@ -131,6 +161,14 @@ def test_bad_spec_is_rejected_naming_the_field(
     assert field in proc.stderr, proc.stderr
     stored = sandbox.kubectl("get", "weightsyncs,pods,services,secrets", "-n", namespace, "-o", "name").stdout
     assert "weightsync" not in stored and "pod/" not in stored, stored
+
+
+@pytest.mark.parametrize("resource", ["nvidia.com/gpu", "rdma/ib", "a" * 244 + "/" + "b" * 63])
+def test_extended_resource_names_are_admitted(sandbox: Sandbox, namespace: str, crds: None, resource: str) -> None:
+    obj = edit(spec_set("network.rdmaResource", resource))
+    sandbox.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(obj))
+    spec = json.loads(sandbox.kubectl("get", "ws", "ws", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert spec["network"]["rdmaResource"] == resource
 
 
 IMMUTABLE = [

@@ -92,7 +92,8 @@ def test_a_member_stopped_past_the_threshold_is_named_then_the_group_heals_witho
             assert got["digest"] == healed["digest"], (rank, got)
         # The resumed member learnt it was the one declared lost; it never blamed the healthy ones.
         resumed_errors = [r for r in results.seen if r["rank"] == 2 and "error" in r]
-        assert all(r["ranks"] in ([2], []) for r in resumed_errors), [(r["ranks"], r["message"]) for r in resumed_errors]
+        assert all(r["ranks"] in ([2], []) for r in resumed_errors), [(r["ranks"], r["message"])
+                                                                     for r in resumed_errors]
         assert [p.pid for p in (trainer, *receivers)] == pids and all(p.is_alive() for p in receivers)
     finally:
         for p in receivers:

@@ -163,3 +163,86 @@ def test_type_level_and_field_level_rules_are_both_kept() -> None:
     transport = root_schema()["properties"]["spec"]["properties"]["transport"]
     rules = [r["rule"] for r in transport["x-kubernetes-validations"]]
     assert rules == ["self.protocol != 'vllm' || self.backend == 'nccl'", "self == oldSelf"]
+
+
+# --- spec.network.rdmaResource: extended resource names only ---------------------------------------------
+
+EXTENDED = ["rdma/ib", "nvidia.com/gpu", "rdma/hca_shared_devices_a", "example.com/Mellanox.ConnectX-7",
+            "k8s.io/x", f"{'a' * models.MAX_RESOURCE_DOMAIN_LENGTH}/ib", f"rdma/{'x' * 63}"]  # fmt: skip
+NOT_EXTENDED = [
+    ("memory", "must be an extended resource name"),
+    ("cpu", "must be an extended resource name"),
+    ("ephemeral-storage", "must be an extended resource name"),
+    ("hugepages-2Mi", "must be an extended resource name"),
+    ("ib", "must be an extended resource name"),
+    ("kubernetes.io/ib", "must not be in the kubernetes.io domain"),
+    ("rdma.kubernetes.io/ib", "must not be in the kubernetes.io domain"),
+    ("requests.rdma/ib", "must not start with 'requests.'"),
+    ("RDMA/ib", "must be an extended resource name"),
+    ("rdma/ib/x", "must be an extended resource name"),
+    ("rdma/-ib", "must be an extended resource name"),
+    ("rdma/", "must be an extended resource name"),
+    ("/ib", "must be an extended resource name"),
+    ("rdma/ib\n", "must be an extended resource name"),
+    (f"rdma/{'x' * 64}", "must be an extended resource name"),
+    (f"{'a' * (models.MAX_RESOURCE_DOMAIN_LENGTH + 1)}/ib", "the domain before '/' must be at most 244"),
+]
+
+
+def with_rdma(name: str) -> dict[str, Any]:
+    return minimal_spec(network={"rdmaResource": name})
+
+
+@pytest.mark.parametrize("name", EXTENDED)
+def test_extended_resource_names_are_accepted(name: str) -> None:
+    assert models.extended_resource_problem(name) is None
+    assert models.parse_spec(with_rdma(name)).network.rdma_resource == name
+
+
+@pytest.mark.parametrize(("name", "why"), NOT_EXTENDED, ids=[n[:40] for n, _ in NOT_EXTENDED])
+def test_other_resource_names_are_refused_naming_the_field(name: str, why: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        models.parse_spec(with_rdma(name))
+    assert "spec.network.rdmaResource" in str(err.value) and why in str(err.value)
+
+
+def test_the_crd_applies_the_same_rdma_rules_as_the_model() -> None:
+    node = root_schema()["properties"]["spec"]["properties"]["network"]["properties"]["rdmaResource"]
+    rules = {r["rule"]: r["message"] for r in node["x-kubernetes-validations"]}
+    assert len(rules) == len(models._RDMA_RULES)
+    for rule, message, _ in models._RDMA_RULES:
+        assert rules[rule] == message
+    assert "\\" not in next(iter(rules)), "a backslash would be a CEL escape"
+    assert node["maxLength"] == models.MAX_RESOURCE_NAME_LENGTH and "pattern" not in node
+
+
+# --- status.lastSync: the trainer's report, within bounds the API server stores ---------------------------
+
+
+def test_last_sync_bounds_are_in_the_crd() -> None:
+    node = root_schema()["properties"]["status"]["properties"]["lastSync"]["properties"]
+    for name in ("version", "tensors", "bytes", "epoch"):
+        assert (node[name]["minimum"], node[name]["maximum"]) == (0, models.MAX_STATUS_INT), name
+        assert float(node[name]["maximum"]) == node[name]["maximum"] < 2**63, "exact as a float64, in int64"
+    for name in ("seconds", "gbps"):
+        assert node[name]["minimum"] == 0, name
+    assert node["transport"]["maxLength"] == models.MAX_TRANSPORT_LENGTH
+    assert node["time"] == {**node["time"], "format": "date-time", "maxLength": models.MAX_TIME_LENGTH}
+    status = root_schema()["properties"]["status"]["properties"]
+    assert set(status["rejectedSyncReport"]["properties"]) == {"digest", "message", "time"}
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"version": "1"},
+        {"version": 1.0},
+        {"version": 2**63},
+        {"version": 1, "gbps": float("inf")},
+        {"version": 1, "seconds": float("nan")},
+        {"version": 1, "time": "2026-01-01"},
+    ],
+)
+def test_last_sync_model_is_strict(report: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        models.LastSync.model_validate(report)

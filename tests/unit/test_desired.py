@@ -170,6 +170,60 @@ def test_network_section_is_identical_on_every_member() -> None:
     assert seen == [{"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth"}] * 4
 
 
+def resources_template(*containers: dict[str, Any]) -> dict[str, Any]:
+    return {"spec": {"containers": [{"name": f"c{i}", "image": "img", **x} for i, x in enumerate(containers)]}}
+
+
+def member_resources(g: desired.Group) -> list[list[Any]]:
+    """Every member's containers' resources, in container order."""
+    return [[ct.get("resources") for ct in pod["spec"]["containers"]] for pod in desired.pods(g).values()]
+
+
+def test_rdma_resource_is_added_beside_the_templates_own_resources_never_over_them() -> None:
+    own = {"requests": {"memory": "8Gi", "cpu": "4", "nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}
+    tpl = resources_template({"resources": own}, {"resources": {"requests": {"memory": "1Gi"}}})
+    before = copy.deepcopy(tpl)
+    g = group(trainer_template=tpl, inference_template=tpl, network={"rdmaResource": "rdma/ib", "rdmaCount": 2})
+    for first, second in member_resources(g):
+        assert first == {
+            "requests": {"memory": "8Gi", "cpu": "4", "nvidia.com/gpu": "4", "rdma/ib": "2"},
+            "limits": {"nvidia.com/gpu": "4", "rdma/ib": "2"},
+        }
+        assert second == {"requests": {"memory": "1Gi"}}, "only the first container gets the device"
+    assert tpl == before and g.spec.trainer.template == before, "the spec's template is not mutated"
+
+
+@pytest.mark.parametrize(
+    ("containers", "why"),
+    [
+        ([{"resources": {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}}], "both"),
+        ([{"resources": {"limits": {"nvidia.com/gpu": "4"}}}], "limits only (requests default to limits)"),
+        ([{"resources": {"requests": {"nvidia.com/gpu": "2"}}}], "requests only"),
+        ([{}, {"resources": {"limits": {"nvidia.com/gpu": "1"}}}], "another container"),
+    ],
+    ids=["both", "limits", "requests", "second-container"],
+)
+def test_a_resource_the_template_sets_is_left_exactly_as_it_is(containers: list[dict[str, Any]], why: str) -> None:
+    tpl = resources_template(*containers)
+    g = group(trainer_template=tpl, inference_template=tpl, network={"rdmaResource": "nvidia.com/gpu"})
+    expected = [ct.get("resources") for ct in resources_template(*containers)["spec"]["containers"]]
+    assert member_resources(g) == [expected] * 3, why
+
+
+@pytest.mark.parametrize("resources", [None, {"requests": None, "limits": None}, {}])
+def test_rdma_resource_fills_empty_or_null_resources(resources: dict[str, Any] | None) -> None:
+    tpl = resources_template({"resources": resources})
+    g = group(trainer_template=tpl, inference_template=tpl, network={"rdmaResource": "example.com/rdma"})
+    assert member_resources(g) == [[{"limits": {"example.com/rdma": "1"}, "requests": {"example.com/rdma": "1"}}]] * 3
+
+
+def test_no_rdma_resource_touches_no_resources() -> None:
+    tpl = resources_template({"resources": {"requests": {"memory": "8Gi"}}}, {})
+    assert member_resources(group(trainer_template=tpl, inference_template=tpl)) == [
+        [{"requests": {"memory": "8Gi"}}, None]
+    ] * 3
+
+
 def test_service_is_headless_and_publishes_not_ready_addresses() -> None:
     svc = desired.service(group(rendezvous={"port": 31000}))
     assert svc["metadata"]["name"] == "ws"

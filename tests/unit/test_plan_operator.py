@@ -314,7 +314,84 @@ def test_last_sync_is_copied_from_the_trainer_annotation() -> None:
     assert p.status["lastSync"] == {k: v for k, v in report.items() if k != "acked"}
     assert p.actions == []
     cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, c.LAST_SYNC: "not json"})
-    assert cl.plan().status["lastSync"]["version"] == 7, "a bad report keeps the last good one"
+    p = cl.step()
+    assert p.status["lastSync"]["version"] == 7, "a bad report keeps the last good one"
+    assert [e.reason for e in p.events] == [c.REASON_INVALID_REPORT]
+
+
+def annotate_trainer(cl: Cluster, raw: str) -> None:
+    trainer = cl.pods["ws-trainer-0"]
+    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, c.LAST_SYNC: raw})
+
+
+def invalid_reports(p: Plan) -> list[str]:
+    return [e.message for e in p.events if e.reason == c.REASON_INVALID_REPORT]
+
+
+GOOD_REPORT = json.dumps({"version": 41, "epoch": 0, "time": "2026-01-01T00:00:00Z"})
+OVERFLOW = '{"version": 99999999999999999999}'
+
+
+def test_an_out_of_bounds_report_is_dropped_with_one_event_and_never_blocks_a_scale() -> None:
+    cl = ready_cluster(replicas=3)
+    annotate_trainer(cl, GOOD_REPORT)
+    cl.step()
+    annotate_trainer(cl, OVERFLOW)
+    p = cl.step()
+    (message,) = invalid_reports(p)
+    assert "ws-trainer-0" in message and "version: Input should be less than or equal to" in message
+    assert "status.lastSync keeps version 41" in message
+    assert next(e for e in p.events if e.reason == c.REASON_INVALID_REPORT).type == "Warning"
+    assert p.status["lastSync"]["version"] == 41, "the previous report stays"
+    rejected = p.status["rejectedSyncReport"]
+    assert rejected["message"].startswith("version: ") and rejected["time"] == "2026-01-01T00:00:00Z"
+    assert "99999999999999999999" not in json.dumps(p.status), "nothing of it reaches the status write"
+
+    # every resync after: the same value is not announced again, and the status is a fixed point
+    again = cl.plan()
+    assert invalid_reports(again) == [] and again.status == cl.status and again.actions == []
+
+    # a scale 3 -> 2 is carried out as if the report were not there
+    cl.spec["inference"]["replicas"] = 2
+    cl.generation += 1
+    p = cl.step()
+    assert [a.name for a in p.actions if isinstance(a, Delete)] == ["ws-inference-2"]
+    assert p.status["epoch"] == 1 and p.status["worldSize"] == 3
+    assert invalid_reports(p) == []
+    p = cl.converge()
+    assert p.status["phase"] == "Ready" and p.status["ready"] == "3/3" and p.status["lastSync"]["version"] == 41
+    assert sum(1 for e in cl.events if e.startswith(c.REASON_INVALID_REPORT)) == 1
+
+
+def test_each_distinct_bad_report_is_announced_once_and_a_good_one_clears_the_record() -> None:
+    cl = ready_cluster()
+    annotate_trainer(cl, OVERFLOW)
+    (message,) = invalid_reports(cl.step())
+    assert "no status.lastSync yet" in message
+    assert invalid_reports(cl.step()) == []
+    assert "lastSync" not in cl.status and "rejectedSyncReport" in cl.status
+    annotate_trainer(cl, '{"version": 1, "transport": "' + "x" * 200 + '"}')
+    (message,) = invalid_reports(cl.step())
+    assert "transport: String should have at most 128 characters" in message
+    assert invalid_reports(cl.step()) == []
+
+    annotate_trainer(cl, GOOD_REPORT)
+    p = cl.step()
+    assert p.events == [] and p.status["lastSync"]["version"] == 41
+    assert p.status["rejectedSyncReport"] is None, "sent as null: the status is written as a merge patch"
+    cl.status = {k: v for k, v in p.status.items() if v is not None}  # what the API server keeps
+    p = cl.plan()
+    assert "rejectedSyncReport" not in p.status and p.status == cl.status
+
+
+def test_a_stored_last_sync_out_of_bounds_is_dropped_not_fatal() -> None:
+    """A status written before the bounds existed (a negative version, say) must not stop planning."""
+    cl = ready_cluster()
+    cl.status = {**cl.status, "lastSync": {"version": -3, "gbps": "fast"}}
+    p = cl.plan()
+    assert p.status["lastSync"] is None and p.actions == []
+    annotate_trainer(cl, GOOD_REPORT)
+    assert cl.plan().status["lastSync"]["version"] == 41
 
 
 def test_children_of_another_owner_are_left_alone() -> None:

@@ -14,9 +14,12 @@ Pure pydantic: importable without kopf, a Kubernetes client or torch.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 from weightsync.contract import (
@@ -44,6 +47,22 @@ MAX_WORKERS_PER_REPLICA = 64
 MAX_NAME_LENGTH = 63 - len("-inference-") - len(str(MAX_REPLICAS - 1))
 #: A WeightSync's name also names its headless Service, so it must be a DNS-1035 label.
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+#: Largest integer of a status field. The API server stores int64 (a larger value fails the whole status
+#: write), and a CRD schema's bound is a float64, in which 2^63 - 1 is 2^63, out of int64 range: every
+#: value would then fail the bound's check. 2^63 - 1024 is the largest int64 that a float64 holds exactly.
+MAX_STATUS_INT = 2**63 - 1024
+
+#: Kubernetes' rule for an extended resource name (`IsExtendedResourceName` in k8s.io/kubernetes
+#: pkg/apis/core/helper): domain-qualified, not in the kubernetes.io domain, and `requests.<name>` (its quota
+#: name) a qualified name: a DNS-1123 subdomain of at most 253 characters, '/', and a name of at most 63.
+#: No backslashes: the pattern goes into a CEL string literal as it is.
+EXTENDED_RESOURCE_PATTERN = (
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$"
+)
+#: Longest domain of an extended resource name: `requests.<domain>` is at most 253 characters.
+MAX_RESOURCE_DOMAIN_LENGTH = 253 - len("requests.")
+MAX_RESOURCE_NAME_LENGTH = MAX_RESOURCE_DOMAIN_LENGTH + 1 + 63
 
 Phase = Literal["Pending", "Forming", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "Failed"]
@@ -84,6 +103,42 @@ ROOT_RULES = (
 )
 
 
+#: spec.network.rdmaResource: (CEL rule, message, the same check in Python). The API server and the
+#: operator's model apply the same rules, so a name admitted is a name the operator accepts.
+_RDMA_RULES: tuple[tuple[str, str, Callable[[str], bool]], ...] = (
+    (
+        f"self.matches('{EXTENDED_RESOURCE_PATTERN}')",
+        "spec.network.rdmaResource must be an extended resource name <domain>/<name> (for example rdma/ib or "
+        "nvidia.com/gpu): a lowercase DNS subdomain, '/', and at most 63 letters, digits, '-', '_' or '.' "
+        "that start and end with a letter or digit; Kubernetes' own resources (cpu, memory, "
+        "ephemeral-storage, hugepages-*) are not extended resources",
+        lambda name: re.fullmatch(EXTENDED_RESOURCE_PATTERN, name) is not None,
+    ),
+    (
+        "!self.contains('kubernetes.io/')",
+        "spec.network.rdmaResource must not be in the kubernetes.io domain (kubernetes.io/ and "
+        "*.kubernetes.io/ names are Kubernetes' own resources, which no device plugin provides)",
+        lambda name: "kubernetes.io/" not in name,
+    ),
+    (
+        "!self.startsWith('requests.')",
+        "spec.network.rdmaResource must not start with 'requests.' (Kubernetes keeps that prefix for quotas)",
+        lambda name: not name.startswith("requests."),
+    ),
+    (
+        f"self.indexOf('/') <= {MAX_RESOURCE_DOMAIN_LENGTH}",
+        f"spec.network.rdmaResource: the domain before '/' must be at most {MAX_RESOURCE_DOMAIN_LENGTH} "
+        "characters",
+        lambda name: name.find("/") <= MAX_RESOURCE_DOMAIN_LENGTH,
+    ),
+)
+
+
+def extended_resource_problem(name: str) -> str | None:
+    """Why `name` is not an extended resource name that pods can request (None when it is one)."""
+    return next((message for _, message, ok in _RDMA_RULES if not ok(name)), None)
+
+
 def _pod_template_schema(who: str) -> dict[str, Any]:
     """The CRD schema of a PodTemplateSpec: open objects, with the fields the operator relies on declared."""
     return {
@@ -112,7 +167,8 @@ def _pod_template_schema(who: str) -> dict[str, Any]:
                     "containers": {
                         "type": "array",
                         "description": "The pod's containers; each gets the WEIGHTSYNC_* environment and the "
-                        "podinfo volume mount. The first one also gets the RDMA resource, if any.",
+                        "podinfo volume mount. The first one also gets the RDMA resource, if any, unless a "
+                        "container already sets it.",
                         "minItems": 1,
                         "maxItems": 32,
                         "items": {
@@ -278,14 +334,24 @@ class NetworkSpec(_Model):
     )
     rdma_resource: str | None = Field(
         default=None,
-        max_length=253,
-        pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$",
-        description="Extended resource name of an RDMA device (for example rdma/ib); when set, the first "
-        "container of every member requests rdmaCount of it.",
+        max_length=MAX_RESOURCE_NAME_LENGTH,
+        description="Extended resource name of an RDMA device (for example rdma/ib), as Kubernetes defines "
+        "one: <domain>/<name>, not in the kubernetes.io domain. When set, the first container of every "
+        "member requests and limits rdmaCount of it, unless a container of the template already sets that "
+        "resource (in requests or limits): the template's own resources are never changed.",
+        json_schema_extra={"x-kubernetes-validations": [cel(rule, message) for rule, message, _ in _RDMA_RULES]},
     )
     rdma_count: int = Field(
         default=1, ge=1, le=16, description="How many rdmaResource devices each member gets."
     )
+
+    @field_validator("rdma_resource")
+    @classmethod
+    def _extended_resource(cls, value: str | None) -> str | None:
+        problem = None if value is None else extended_resource_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class FailurePolicy(_Model):
@@ -408,20 +474,81 @@ class Member(_StatusModel):
     ready: bool = Field(description="The pod is Ready.")
 
 
-class LastSync(_StatusModel):
-    """The trainer's report of its latest sync, copied from its pod's annotation weightsync.dev/last-sync."""
+#: Bounds of the trainer's report (the pod annotation weightsync.dev/last-sync, which the trainer writes and
+#: the operator copies into status.lastSync): it is untrusted input, and a value the API server cannot store
+#: would fail every status write.
+MAX_SYNC_REPORT_BYTES = 16 * 1024
+MAX_TRANSPORT_LENGTH = 128
+MAX_TIME_LENGTH = 64
+#: RFC 3339 as Go's time.RFC3339Nano parses it (a strict subset: upper-case T and Z, at most 9 fraction digits).
+RFC3339_PATTERN = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
 
-    version: int = Field(description="Weights version sent (the trainer's step).")
-    tensors: int | None = Field(default=None, description="Tensors sent.")
-    bytes: int | None = Field(default=None, description="Bytes sent.")
-    seconds: float | None = Field(default=None, description="Wall time of the sync in seconds.")
-    gbps: float | None = Field(default=None, description="Throughput in GB/s (1e9 bytes per second).")
+
+def _check_rfc3339(value: str | None) -> str | None:
+    if value is None:
+        return value
+    valid = RFC3339_PATTERN.fullmatch(value) is not None
+    if valid:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            valid = False
+    if not valid:
+        raise ValueError("must be an RFC 3339 timestamp such as 2026-01-01T00:00:00Z")
+    return value
+
+
+def _count(what: str) -> Any:
+    return Field(default=None, ge=0, le=MAX_STATUS_INT, description=f"{what} (0 to 2^63 - 1024).")
+
+
+def _measure(what: str) -> Any:
+    return Field(default=None, ge=0, allow_inf_nan=False, description=f"{what} (finite, at least 0).")
+
+
+class LastSync(_StatusModel):
+    """The trainer's report of its latest sync, copied from its pod's annotation weightsync.dev/last-sync.
+
+    Parsed strictly (no strings for numbers) within bounds the API server can store; other fields of the
+    report are ignored. A report out of bounds is dropped with an InvalidSyncReport event (see
+    rejectedSyncReport) and the previous lastSync stays.
+    """
+
+    model_config = ConfigDict(strict=True)
+
+    version: int = Field(
+        ge=0, le=MAX_STATUS_INT, description="Weights version sent (the trainer's step; 0 to 2^63 - 1024)."
+    )
+    tensors: int | None = _count("Tensors sent")
+    bytes: int | None = _count("Bytes sent")
+    seconds: float | None = _measure("Wall time of the sync in seconds")
+    gbps: float | None = _measure("Throughput in GB/s, 1e9 bytes per second")
     transport: str | None = Field(
         default=None,
+        max_length=MAX_TRANSPORT_LENGTH,
         description="Transport actually used (for example NCCL over IB, NCCL over sockets, gloo).",
     )
-    epoch: int | None = Field(default=None, description="Group epoch the sync ran at.")
-    time: str | None = Field(default=None, description="When the sync finished (RFC 3339).")
+    epoch: int | None = _count("Group epoch the sync ran at")
+    time: Annotated[str | None, AfterValidator(_check_rfc3339)] = Field(
+        default=None,
+        max_length=MAX_TIME_LENGTH,
+        description="When the sync finished (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class RejectedSyncReport(_StatusModel):
+    """The last trainer report the operator dropped, and why (each distinct bad report is announced once)."""
+
+    digest: str = Field(
+        max_length=64, description="SHA-256 (hex) of the rejected weightsync.dev/last-sync annotation value."
+    )
+    message: str = Field(max_length=1024, description="What is wrong with it: the field and why.")
+    time: str = Field(
+        description="When the operator rejected it (RFC 3339).", json_schema_extra={"format": "date-time"}
+    )
 
 
 class WeightSyncStatus(_StatusModel):
@@ -463,6 +590,11 @@ class WeightSyncStatus(_StatusModel):
         json_schema_extra={"format": "date-time"},
     )
     last_sync: LastSync | None = Field(default=None, description="The trainer's latest sync report.")
+    rejected_sync_report: RejectedSyncReport | None = Field(
+        default=None,
+        description="The trainer's last report that was out of bounds and dropped (an InvalidSyncReport event "
+        "says the same); cleared by the next valid report.",
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> WeightSyncSpec:
