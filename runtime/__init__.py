@@ -12,7 +12,6 @@
 from weightsync.runtime.errors import (
     ChecksumError,
     ConfigMismatchError,
-    GroupReformedError,
     PeerLostError,
     RendezvousError,
     TamperedValueError,
@@ -26,7 +25,6 @@ from weightsync.runtime.settings import NcclTuning, RuntimeSettings
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
-    "GroupReformedError",
     "NcclTuning",
     "PeerLostError",
     "RendezvousError",

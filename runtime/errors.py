@@ -24,16 +24,19 @@ class RendezvousError(WeightSyncError):
 
 
 class PeerLostError(WeightSyncError):
-    """A member died or stopped answering; the group is broken until it re-forms at a new epoch."""
+    """A member died or stopped answering; the group is broken until it re-forms (by itself, or at a new
+    epoch when a pod died).
 
-    def __init__(self, message: str, ranks: tuple[int, ...]) -> None:
+    `ranks`: the members at fault, where known. `store_lost`: the rendezvous store, which the trainer
+    hosts, stopped answering or closed the connection. `reformed`: this member's sync was abandoned because
+    the trainer re-formed the group after another member's failure (named in the message and `ranks`)."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...], *, store_lost: bool = False,
+                 reformed: bool = False) -> None:
         super().__init__(message)
         self.ranks = ranks
-
-
-class GroupReformedError(PeerLostError):
-    """This member's sync was abandoned because the trainer re-formed the group after another member's
-    failure (named in the message and in `ranks`); the next send/receive joins the new formation."""
+        self.store_lost = store_lost
+        self.reformed = reformed
 
 
 class TransportError(WeightSyncError):

@@ -26,14 +26,20 @@ import torch
 from weightsync.runtime.comm import Communicator, GlooCommunicator
 from weightsync.runtime.errors import (
     ConfigMismatchError,
-    GroupReformedError,
     PeerLostError,
     RendezvousError,
     TamperedValueError,
     TransportError,
     WeightSyncError,
 )
-from weightsync.runtime.handshake import FORMATION, Check, FormationKeys, ReceiverRound, TrainerRound
+from weightsync.runtime.handshake import (
+    FORMATION,
+    Check,
+    FormationKeys,
+    ReceiverRound,
+    TrainerRound,
+    alive_key,
+)
 from weightsync.runtime.keystore import KeyStore, group_prefix
 from weightsync.runtime.liveness import Liveness
 from weightsync.runtime.manifest import TransferConfig
@@ -78,7 +84,8 @@ class SyncGroup:
         self.formation = 0
         self.world_size = env.world_size  # as published by the operator at the current epoch
         self.broken: tuple[int, int] | None = None  # (epoch, formation) that failed here
-        self._abort_pending: dict[str, Any] | None = None  # an abort this member could not post yet
+        #: An abort this member could not post yet: (epoch prefix, key, value).
+        self._abort_pending: tuple[str, str, dict[str, Any]] | None = None
         self.comm: Communicator | None = None
         self.keys: KeyStore | None = None
         self.fkeys = FormationKeys(0)
@@ -127,6 +134,10 @@ class SyncGroup:
         self._drop_connections()
         op_timeout = self.dead_after + 1.0
         if self.is_trainer:
+            if self._server is not None and not self._server.alive():
+                log.warning("the rendezvous store process ended (%s); starting it again", self._server.ended())
+                self._server.close()
+                self._server = None
             if self._server is None:
                 try:
                     self._server = StoreProcess(env.master_port, env.token)
@@ -193,10 +204,16 @@ class SyncGroup:
         if self.is_trainer:
             if self.comm is not None and epoch == self.epoch and self.broken is None:
                 assert self.keys is not None
-                abort = self._read(self.keys, self.fkeys.abort)
+                try:
+                    abort = self._read(self.keys, self.fkeys.abort)
+                except WeightSyncError as err:  # the store process went away: a new one, a new formation
+                    log.warning("re-forming: %s", err)
+                    self._drop_connections()
+                    abort = {}
                 if abort is None:
                     return None
-                log.warning("re-forming: %s", self._abort_message(abort, "the last sync"))
+                if abort:
+                    log.warning("re-forming: %s", self._abort_message(abort, "the last sync"))
             self._teardown_formation()
             if epoch != self.epoch:
                 return epoch, 0
@@ -212,8 +229,11 @@ class SyncGroup:
         self._post_pending_abort()
         while True:
             record = self._read(keys, FORMATION)
-            newer = record is not None and (self.broken is None or (epoch, int(record["formation"])) > self.broken)
-            if newer:
+            # Join only a formation the trainer has opened (it is waiting for the joins right then), and
+            # never one that broke here.
+            wanted = record is not None and bool(record.get("open")) and (
+                self.broken is None or (epoch, int(record["formation"])) > self.broken)
+            if wanted:
                 assert record is not None
                 return epoch, int(record["formation"])
             if idle is not None:
@@ -249,20 +269,19 @@ class SyncGroup:
             raise WeightSyncError(f"rank {self.rank} is outside the group of world size {self.world_size} at epoch "
                                   f"{epoch}: this pod was scaled away and should be gone soon")
         client = self._connect(deadline)
-        assert self._beat_client is not None
         keys = KeyStore(client, self._sealer, self._epoch_prefix(epoch))
         fkeys = FormationKeys(formation)
         if self.is_trainer:
             if self.epoch is not None and self.epoch != epoch:
                 keys.client.delete_prefix(self._epoch_prefix(self.epoch))
-            elif formation > 0:  # (receivers may have joined the new formation already: its keys stay)
+            elif formation > 0:
                 keys.delete_prefix(FormationKeys(formation - 1).prefix)
-            keys.put(FORMATION, {"formation": formation})
+            keys.delete_prefix(fkeys.prefix)  # nobody joined yet: it opens now
+        self._start_liveness(epoch, keys)
         self.keys, self.fkeys, self.epoch, self.formation, self.seq = keys, fkeys, epoch, formation, 0
         self.broken, self.members = None, {}
-        self.liveness = Liveness(KeyStore(self._beat_client, self._sealer, keys.prefix), keys, fkeys, self.rank,
-                                 self.settings.heartbeat_interval, self.dead_after)
-        self.liveness.start()
+        if self.is_trainer:
+            keys.put(FORMATION, {"formation": formation, "open": True})
         nonce = secrets.token_hex(16)
         me = {"rank": self.rank, "pod": socket.gethostname(), "pid": os.getpid(),
               "local_world_size": env.local_world_size, "world_size": self.world_size, "nonce": nonce}
@@ -275,11 +294,28 @@ class SyncGroup:
             self._teardown_formation()
             raise
         except BaseException as err:
-            self._fail(err)
-            raise
+            named = self.name_the_lost(err, "forming the group")
+            self._fail(named)
+            if named is err:
+                raise
+            raise named from err
         self.formation_seconds = time.monotonic() - started
         log.info("rank %d joined the sync group at epoch %d formation %d (world size %d, %s) in %.2fs", self.rank,
                  epoch, formation, self.world_size, self.comm.transport, self.formation_seconds)
+
+    def _start_liveness(self, epoch: int, keys: KeyStore) -> None:
+        """Heartbeats for the epoch (not a formation: a member is alive between formations too), on the
+        heartbeat connection of the moment."""
+        assert self._beat_client is not None
+        live = self.liveness
+        if live is not None and live.epoch == epoch and live.beats.client is self._beat_client:
+            live.looks = keys
+            return
+        if live is not None:
+            live.stop()
+        self.liveness = Liveness(KeyStore(self._beat_client, self._sealer, keys.prefix), keys, self.rank,
+                                 self.settings.heartbeat_interval, self.dead_after, epoch)
+        self.liveness.start()
 
     def _moved_check(self, epoch: int) -> Check:
         """While forming: the epoch moved (the operator re-forms the group), or the formation did."""
@@ -360,7 +396,11 @@ class SyncGroup:
         if self.env.backend == "gloo":
             import torch.distributed as dist
             store = dist.PrefixStore(self.keys.full_name(self.fkeys.gloo), self._client.c10d())
-            return GlooCommunicator(store, self.rank, self.world_size, self.timeout)
+            try:
+                return GlooCommunicator(store, self.rank, self.world_size, self.timeout)
+            except RuntimeError as err:  # gloo's own rendezvous timed out or a peer's socket failed
+                raise TransportError(f"gloo could not connect the group at epoch {self.epoch} formation "
+                                     f"{self.formation}: {str(err).splitlines()[0]}") from err
         from weightsync.runtime.nccl import NcclCommunicator
         return NcclCommunicator(bytes.fromhex(nccl_id), self.rank, self.world_size, self.device,
                                 self.checker("NCCL communicator set-up", deadline), self.settings.nccl)
@@ -410,9 +450,9 @@ class SyncGroup:
                 if record is not None and int(record["formation"]) != self.formation:
                     after = record.get("after") or {}
                     cause = f" after: {self._abort_message(after, what)}" if after else ""
-                    raise GroupReformedError(f"{what} was abandoned: the trainer re-formed the group (formation "
-                                             f"{record['formation']}){cause}",
-                                             ranks=tuple(int(r) for r in after.get("ranks", ())))
+                    raise PeerLostError(f"{what} was abandoned: the trainer re-formed the group (formation "
+                                        f"{record['formation']}){cause}",
+                                        ranks=tuple(int(r) for r in after.get("ranks", ())), reformed=True)
             liveness.raise_if_lost(range(self.world_size) if self.is_trainer else [TRAINER_RANK], what,
                                    self.describe)
 
@@ -444,7 +484,7 @@ class SyncGroup:
             while time.monotonic() < give_up:
                 if self.keys.get(fkeys.abort) is None:
                     return
-                flags = self.keys.has([fkeys.alive(r) for r in receivers] + [fkeys.seen(r) for r in receivers])
+                flags = self.keys.has([alive_key(r) for r in receivers] + [fkeys.seen(r) for r in receivers])
                 alive, seen = flags[:len(receivers)], flags[len(receivers):]
                 if all(s or not a for a, s in zip(alive, seen, strict=True)):
                     return
@@ -480,38 +520,40 @@ class SyncGroup:
         """Mark this formation broken, tell the others, and (the trainer) announce the next formation."""
         if self.epoch is not None:
             self.broken = (self.epoch, self.formation)
-        if isinstance(err, StoreUnreachable) or (isinstance(err, PeerLostError) and TRAINER_RANK in err.ranks
-                                                 and not self.is_trainer):
-            self._drop_connections()  # the store (the trainer) is gone: connect afresh next time
-        if self.keys is not None and not isinstance(err, GroupReformedError):  # (that one is known to all)
+        store_gone = isinstance(err, StoreUnreachable) or getattr(err, "store_lost", False)
+        if self.keys is not None and not getattr(err, "reformed", False):  # (that one is known to all)
             ranks = list(getattr(err, "ranks", ()) or getattr(err, "missing_ranks", ()))
             reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
                       else str(err) or type(err).__name__)
-            self._abort_pending = {"by": self.rank, "reason": reason, "ranks": ranks or [self.rank]}
-            abort = self._post_pending_abort()
-            if self.is_trainer and self._client is not None:
+            # Unknown culprit: say so (an empty list) rather than blame this member.
+            self._abort_pending = (self.keys.prefix, self.fkeys.abort, {"by": self.rank, "reason": reason,
+                                                                        "ranks": ranks})
+            abort = None if store_gone else self._post_pending_abort()  # a store not answering is told later
+            if self.is_trainer and not store_gone:
                 with contextlib.suppress(WeightSyncError):  # members that missed the abort learn why here
-                    self.keys.put(FORMATION, {"formation": self.formation + 1, "after": abort})
+                    self.keys.put(FORMATION, {"formation": self.formation + 1, "open": False, "after": abort})
+        if store_gone:
+            self._drop_connections()  # connect afresh next time (the trainer restarts its store if it died)
         if self.comm is not None:
             self.comm.abort()
         self._teardown_formation()
 
     def _post_pending_abort(self) -> dict[str, Any] | None:
-        """Post this member's abort unless another member's is there (best effort: a store that is gone or
-        stopped is told later, when it answers again). Returns the abort the store holds, if known."""
-        pending = self._abort_pending
-        if pending is None or self.keys is None or self._client is None:
-            if self._client is None:
-                self._abort_pending = None
-            return pending
+        """Post this member's abort into the formation it failed in, unless another member's is there. Best
+        effort: a store that is gone or stopped is told later, when it answers again (on the connection of
+        the moment). Returns the abort the store holds, if known."""
+        if self._abort_pending is None or self._client is None:
+            return None
+        prefix, key, abort = self._abort_pending
+        keys = KeyStore(self._client, self._sealer, prefix)
         try:
-            there = self._read(self.keys, self.fkeys.abort)
+            there = self._read(keys, key)
             if there is None:
-                self.keys.put(self.fkeys.abort, pending)
+                keys.put(key, abort)
             self._abort_pending = None
-            return there if there is not None else pending
+            return dict(there) if there is not None else abort
         except WeightSyncError:
-            return pending
+            return abort
 
     def run_guarded(self, what: str, body: Callable[[], Any],
                     passthrough: tuple[type[BaseException], ...] = ()) -> Any:
@@ -537,15 +579,17 @@ class SyncGroup:
         self._teardown_formation()
 
     def _teardown_formation(self) -> None:
-        if self.liveness is not None:
-            self.liveness.stop()
+        """The communicator goes; the heartbeat stays (the member is alive), until the epoch changes."""
         if self.comm is not None:
             self.comm.close()
-        self.comm, self.liveness = None, None
+        self.comm = None
 
     def close(self) -> None:
         self._linger_for_abort_readers()
         self._teardown_formation()
+        if self.liveness is not None:
+            self.liveness.stop()
+            self.liveness = None
         self._drop_connections()
         if self._server is not None:
             self._server.close()

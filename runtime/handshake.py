@@ -4,11 +4,12 @@ Keys live under the epoch's prefix (keystore.py); inside an epoch, each formatio
 and one more after every failure the members heal from) has its own keys, and inside a formation each sync
 ("round") has its own:
 
-    formation                    the trainer: which formation is current ({"formation": n})
+    formation                    the trainer: which formation is current, and whether it is open to joins
+                                 ({"formation": n, "open": bool, "after": the abort that closed the last})
+    alive/<rank>                 ephemeral: deleted by the store when the member's connection closes
+    beat/<rank>                  heartbeat counter, rewritten every interval (both for the whole epoch)
     f<n>/join/<rank>             a member arrived ({rank, pod, pid, local_world_size, world_size, nonce})
     f<n>/group                   the trainer: members, the communicator's id, errors, the joiners' nonces
-    f<n>/alive/<rank>            ephemeral: deleted by the store when the member's connection closes
-    f<n>/beat/<rank>             heartbeat counter, rewritten every interval
     f<n>/abort                   the first member to fail says who and why; everyone stops
     f<n>/seen/<rank>             a member read the abort (a trainer that exits waits, briefly, for these)
     f<n>/r/<seq>/manifest        the trainer announces a sync
@@ -40,6 +41,15 @@ Silence = Callable[[int], str]
 FORMATION = "formation"
 
 
+def alive_key(rank: int) -> str:
+    """Liveness lasts for the epoch, not a formation: a member is alive between formations too."""
+    return f"alive/{rank}"
+
+
+def beat_key(rank: int) -> str:
+    return f"beat/{rank}"
+
+
 @dataclass(frozen=True)
 class FormationKeys:
     """The key names of one formation."""
@@ -59,12 +69,6 @@ class FormationKeys:
     @property
     def group(self) -> str:
         return self._k("group")
-
-    def alive(self, rank: int) -> str:
-        return self._k(f"alive/{rank}")
-
-    def beat(self, rank: int) -> str:
-        return self._k(f"beat/{rank}")
 
     @property
     def abort(self) -> str:

@@ -40,7 +40,7 @@ def group_prefix(namespace: str, name: str, token: str) -> str:
 def trainer_unreachable(err: BaseException) -> PeerLostError:
     first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
     return PeerLostError(f"rank {TRAINER_RANK} (trainer) is unreachable: the rendezvous store it hosts "
-                         f"stopped answering ({first_line})", ranks=(TRAINER_RANK,))
+                         f"stopped answering ({first_line})", ranks=(TRAINER_RANK,), store_lost=True)
 
 
 class KeyStore:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from weightsync.runtime.errors import PeerLostError, WeightSyncError
-from weightsync.runtime.handshake import Describe, FormationKeys
+from weightsync.runtime.handshake import Describe, alive_key, beat_key
 from weightsync.runtime.keystore import KeyStore
 
 
@@ -29,10 +29,10 @@ from weightsync.runtime.keystore import KeyStore
 class Liveness:
     beats: KeyStore  # on the member's own heartbeat connection
     looks: KeyStore  # on the main connection, for reading the others
-    keys: FormationKeys
     rank: int
     interval: float
     dead_after: float
+    epoch: int
     _count: int = 0
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
     _last_look: float = 0.0
@@ -40,7 +40,7 @@ class Liveness:
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.beats.put_ephemeral(self.keys.alive(self.rank), {"rank": self.rank})
+        self.beats.put_ephemeral(alive_key(self.rank), {"rank": self.rank})
         self._beat()
         self._thread = threading.Thread(target=self._run, name=f"weightsync-heartbeat-{self.rank}", daemon=True)
         self._thread.start()
@@ -52,7 +52,7 @@ class Liveness:
 
     def _beat(self) -> None:
         self._count += 1
-        self.beats.put(self.keys.beat(self.rank), {"n": self._count})
+        self.beats.put(beat_key(self.rank), {"n": self._count})
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -64,7 +64,7 @@ class Liveness:
         others = [r for r in ranks if r != self.rank]
         if not others:
             return []
-        values = self.looks.get_many([self.keys.alive(r) for r in others] + [self.keys.beat(r) for r in others])
+        values = self.looks.get_many([alive_key(r) for r in others] + [beat_key(r) for r in others])
         alive, beats = values[:len(others)], values[len(others):]
         now = time.monotonic()
         if now - self._last_look > max(self.dead_after / 2, 4 * self.interval):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,16 +32,17 @@ from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
-#: What a validation of destinations covered: the tensor set, the mapping, and its tensors' ids, shapes, dtypes.
-_Identity = tuple[str, int, list[int], list[torch.Size], list[torch.dtype]]
+#: What a validation of destinations covered: the tensor set, the mapping, and its names and tensors' ids,
+#: shapes, dtypes (a mapping re-keyed in place, or a tensor swapped for another, is checked again).
+_Destinations = tuple[list[str], list[int], list[torch.Size], list[torch.dtype]]
+_Identity = tuple[str, int, list[str], list[int], list[torch.Size], list[torch.dtype]]
 
 
-def _destination_identity(into: Mapping[str, torch.Tensor] | None) -> tuple[list[int], list[torch.Size],
-                                                                          list[torch.dtype]]:
+def _destination_identity(into: Mapping[str, torch.Tensor] | None) -> _Destinations:
     if into is None:
-        return [], [], []
+        return [], [], [], []
     tensors = list(into.values())
-    return (list(map(id, tensors)), list(map(operator.attrgetter("shape"), tensors)),
+    return (list(into), list(map(id, tensors)), list(map(operator.attrgetter("shape"), tensors)),
             list(map(operator.attrgetter("dtype"), tensors)))
 
 
@@ -85,6 +87,7 @@ class WeightReceiver(GroupMember):
         self.holds_version: int | None = None
         #: True while `into=` destinations hold a mix of versions (a sync failed half-way through them).
         self.incomplete = False
+        self._busy = threading.Lock()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> WeightReceiver:
@@ -95,7 +98,7 @@ class WeightReceiver(GroupMember):
         return self.group.rank
 
     def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None,
-                  destinations: tuple[list[int], list[torch.Size], list[torch.dtype]]) -> list[str]:
+                  destinations: _Destinations) -> list[str]:
         """`destinations`: _destination_identity(into), taken while the receiver still waited for the sync."""
         problems = self.group.transfer.differences(manifest.config)
         # The same tensor set into the same destination tensors, of the same shapes and dtypes, as last time
@@ -191,8 +194,14 @@ class WeightReceiver(GroupMember):
         """
         if (loader is None) == (into is None):
             raise ValueError("pass exactly one of `loader` or `into`")
-        with gc_paused(), torch.no_grad():
-            return self._receive(loader, into, timeout, on_abandon)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("receive() is already running on this receiver (in another thread); one receiver "
+                               "takes one sync at a time")
+        try:
+            with gc_paused(), torch.no_grad():
+                return self._receive(loader, into, timeout, on_abandon)
+        finally:
+            self._busy.release()
 
     def _receive(self, loader: Loader | None, into: Mapping[str, torch.Tensor] | None,
                  timeout: float | None, on_abandon: Abandoned | None) -> SyncReport:
@@ -227,7 +236,7 @@ class WeightReceiver(GroupMember):
             assert group.comm is not None
             stage[0] = "receiving"
             first = receive_chunks(group.comm, plan, manifest.tensors, views, self.buffers,
-                                   targets, loader, sums, sync.check, self.settings.timeline)
+                                   targets, loader, sums, sync.data_check, self.settings.timeline)
             self.last_timings = {"first_byte_seconds": first - started}
             got = sums.fetch(len(manifest.tensors))
             errors = [f"tensor {manifest.tensors[i].name!r} checksum {g} != trainer's {w}"
@@ -245,7 +254,7 @@ class WeightReceiver(GroupMember):
             report: SyncReport = group.run_guarded(f"sync v{version}", body)
         except WeightSyncError as err:
             if stage[0] != "checking":
-                self._abandon(err, version, into is not None and stage[0] == "receiving", on_abandon)
+                self._abandon(err, version, into is not None, stage[0] == "received", on_abandon)
             raise
         if self._validated is None or self._validated[0] != manifest.signature or not self._previous:
             self._previous = {t.name: t for t in manifest.tensors}
@@ -255,15 +264,24 @@ class WeightReceiver(GroupMember):
         self.last_report = report
         return report
 
-    def _abandon(self, err: WeightSyncError, version: int, partly_written: bool,
+    def _abandon(self, err: WeightSyncError, version: int, into: bool, arrived: bool,
                  on_abandon: Abandoned | None) -> None:
-        """Say on the error, on this receiver and to the loader that `version` will not be completed."""
+        """Say on the error, on this receiver and to the loader that `version` will not be completed.
+
+        `arrived`: every byte of it reached this receiver (the failure came while waiting for the others):
+        destinations then hold it whole, though it is not a version every member has."""
         err.abandoned_version = version
-        if partly_written:
+        if into and arrived:
+            self.incomplete, self.holds_version = False, version
+            note = (f"; v{version} was abandoned: it arrived here whole (the destinations hold it), but not on "
+                    "every member")
+        elif into:
             self.incomplete, self.holds_version = True, None
+            note = (f"; v{version} was abandoned: the destinations hold a mix of versions and stay marked "
+                    "incomplete until the next complete sync")
+        else:
+            note = f"; v{version} was abandoned"
         err.incomplete = self.incomplete
-        note = (f"; v{version} was abandoned: the destinations hold a mix of versions and stay marked incomplete "
-                "until the next complete sync" if partly_written else f"; v{version} was abandoned")
         if err.args and isinstance(err.args[0], str):
             err.args = (err.args[0] + note, *err.args[1:])
         if on_abandon is not None:

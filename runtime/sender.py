@@ -22,6 +22,8 @@ log = logging.getLogger("weightsync.runtime")
 
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
+_DENSE = {torch.strided}
 
 
 class WeightSender(GroupMember):
@@ -74,7 +76,10 @@ class WeightSender(GroupMember):
         shapes = list(map(_SHAPE, tensors))
         dtypes = list(map(_DTYPE, tensors))
         cached = self._layout_cache
-        if cached is not None and cached[0] == names and cached[1] == shapes and cached[2] == dtypes:
+        # Layouts too (a sparse tensor under a known name and shape), at C speed; a meta tensor under a known
+        # name fails in the data path with torch's own error, on this rank.
+        if (cached is not None and cached[0] == names and cached[1] == shapes and cached[2] == dtypes
+                and set(map(_LAYOUT, tensors)) <= _DENSE):
             return cached[3], tensors
         if len(set(names)) != len(names):
             seen: set[str] = set()
@@ -119,7 +124,7 @@ class WeightSender(GroupMember):
             sync.collect_verdicts()
             assert group.comm is not None
             with torch.no_grad():
-                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers, sync.check,
+                first, enqueued = send_chunks(group.comm, plan, sources, views, self.buffers, sync.data_check,
                                               self.settings.timeline)
             sync.collect_acks()
             assert group.epoch is not None

@@ -51,6 +51,13 @@ class StoreProcess:
         answer = json.loads(line)
         return answer if isinstance(answer, dict) else {"error": f"unexpected answer {line!r}"}
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def ended(self) -> str:
+        code = self._proc.poll()
+        return "running" if code is None else f"exit code {code}" if code >= 0 else f"signal {-code}"
+
     def close(self) -> None:
         """Stop the store: its clients see their connections close."""
         if self._proc.poll() is None:

@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -226,6 +227,9 @@ class MemberEnv(BaseModel):
         annotations = read_annotations(Path(self.annotations_file))
         epoch = int(annotations.get(EPOCH_ANNOTATION, self.epoch))
         world_size = int(annotations.get(WORLD_SIZE_ANNOTATION, self.world_size))
+        if not 2 <= world_size <= MAX_WORLD_SIZE:
+            raise ContractError(f"annotations file {self.annotations_file}: annotation {WORLD_SIZE_ANNOTATION}: "
+                                f"value {world_size} is outside 2..{MAX_WORLD_SIZE}")
         return epoch, world_size
 
 
@@ -246,7 +250,11 @@ def read_annotations(annotations_file: Path) -> dict[str, str]:
     the file cannot be read, is larger than MAX_ANNOTATIONS_BYTES, holds a value that is not valid JSON,
     or holds an epoch or world-size annotation that is not a non-negative integer."""
     try:
-        with annotations_file.open("rb") as f:
+        # Non-blocking, and only a regular file: a FIFO or a device there must not hang or flood the reader.
+        fd = os.open(annotations_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ContractError(f"annotations file {annotations_file}: not a regular file")
             data = f.read(MAX_ANNOTATIONS_BYTES + 1)
     except FileNotFoundError:
         return {}

@@ -34,3 +34,41 @@ def test_the_trainer_killed_mid_sync_leaves_no_receiver_presenting_a_mix_of_vers
             assert res["abandoned_version"] == 1 and res["incomplete"], res
             assert res["receiver_incomplete"] and res["holds_version"] is None, res
             assert "mix of versions" in res["message"] and "incomplete" in res["message"], res["message"]
+
+
+def test_a_receiver_that_got_everything_while_another_stalled_says_it_holds_that_version() -> None:
+    """The failure comes while the into= receiver waits for the trainer's confirmation: its destinations
+    hold the new version whole, and `holds_version` says so (a caller must not serve them as the old one)."""
+    count = 20
+    envs = group_envs(replicas=2, workers_per_replica=1, timeout=4)
+    results = run_group(envs, versions=2, count=count, styles=("into", "loader"), block_rank=2,
+                        block_seconds=12, receiver_kwargs={2: {"signal_version": 1}}, wait=60)
+    into = results[1]
+    assert into.get("error") == "PeerLostError" and into["abandoned_version"] == 1, into
+    assert into["holds_version"] in (0, 1) or into["receiver_incomplete"], into
+    if into["holds_version"] is not None:  # whatever it says it holds, it holds, bit-exact
+        assert into["held_digest"] == digest(make_tensors(count, into["holds_version"])), into
+    assert "rank 2" in into["message"], into["message"]
+
+
+def test_destinations_re_keyed_in_place_get_each_name_its_own_tensor() -> None:
+    import multiprocessing as mp
+
+    from local_members import run_rekeying_receiver, run_trainer
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    envs = group_envs(replicas=1, workers_per_replica=1, timeout=15)
+    procs = [ctx.Process(target=run_trainer, args=(envs[0], 2, 40, 0, results)),
+             ctx.Process(target=run_rekeying_receiver, args=(envs[1], 40, results))]
+    for p in procs:
+        p.start()
+    try:
+        out = {r["rank"]: r for r in (results.get(timeout=90), results.get(timeout=90))}
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    assert "error" not in out[0] and "error" not in out[1], out
+    assert out[1]["digests"] == out[0]["digests"]

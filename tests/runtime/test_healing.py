@@ -110,7 +110,10 @@ def test_a_receiver_too_busy_to_receive_for_longer_than_the_timeout_rejoins_at_t
         failed = results.send(commands, 1, TIMEOUT * 2 + SLACK)  # rank 1 is elsewhere for longer than that
         assert failed.get("error") == "PeerLostError", failed
         assert "rank 1" in failed["message"] and "did not answer" in failed["message"], failed["message"]
-        # Once rank 1 is back, the next sync reaches everyone.
+        # The other receiver learnt it and waits again; the trainer trains a while (its next send comes
+        # seconds after the receivers wait, the normal pattern), and once rank 1 is back the sync reaches all.
+        results.wait_for(lambda r: r["rank"] == 2 and "error" in r, 10)
+        time.sleep(2.0)  # the training step between syncs: the scenario itself, not a wait for a condition
         healed = results.send(commands, 2, busy_for + TIMEOUT * 2 + SLACK)
         assert "error" not in healed, healed["message"]
         for rank in (1, 2):

@@ -513,3 +513,35 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def run_rekeying_receiver(env: MemberEnv, count: int, results: Queue[Any]) -> None:
+    """Receives v0 into a dict, then re-keys the SAME dict in place (the same tensors under swapped names)
+    and receives v1: each name must get its own tensor's bytes. Reports the digest of each."""
+    from weightsync.runtime import WeightReceiver
+
+    rank = env.rank_offset
+    _begin()
+    try:
+        with WeightReceiver(env) as receiver:
+            into = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
+                    for n, t in make_tensors(count, 0)}
+            receiver.receive(into=into)
+            first = digest(into.items())
+            names = list(into)
+            tensors = list(into.values())
+            into.clear()
+            # Swap the destinations of every pair of same-shaped, same-dtype tensors: names move, order stays.
+            by_layout: dict[tuple[Any, ...], list[int]] = {}
+            for i, t in enumerate(tensors):
+                by_layout.setdefault((t.dtype, tuple(t.shape)), []).append(i)
+            mapping = list(range(len(names)))
+            for group in by_layout.values():
+                for a, b in zip(group[::2], group[1::2], strict=False):
+                    mapping[a], mapping[b] = b, a
+            for i, name in enumerate(names):
+                into[name] = tensors[mapping[i]]
+            receiver.receive(into=into)
+            results.put(_result(rank, digests={0: first, 1: digest(into.items())}))
+    except BaseException as err:
+        results.put(_error(rank, err))
