@@ -194,9 +194,6 @@ class SyncGroup:
             self._drop_connections()
             raise RendezvousError(f"{self.describe(TRAINER_RANK)} is unreachable: {err}",
                                   missing_ranks=(TRAINER_RANK,)) from err
-        finally:
-            if self.formation_seconds == 0.0 and self.comm is not None and time.monotonic() - started > 0.001:
-                self.formation_seconds = time.monotonic() - started
 
     def _formation_wanted(self, deadline: float, idle: Check | None) -> tuple[int, int] | None:
         """(epoch, formation) to form now, or None when the group stands as it is."""
