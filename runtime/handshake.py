@@ -120,7 +120,7 @@ class TrainerRound(Round):
 
     def announce(self, manifest: dict[str, Any], receivers: list[int]) -> None:
         self.receivers = receivers
-        self.keys.put(self._k("manifest"), manifest)
+        self.keys.put(manifest_key(self.formation, self.seq), manifest)
 
     def collect_verdicts(self) -> None:
         """Every receiver answers before data moves: a mismatch is refused with nothing written, and a
@@ -149,12 +149,6 @@ class ReceiverRound(Round):
     """A receiver's steps: (manifest), verdict, await go, (data), acknowledge, await done."""
 
     rank: int
-
-    def manifest(self) -> dict[str, Any]:
-        value = self.keys.get(self._k("manifest"))
-        if value is None:
-            raise PeerLostError(f"the manifest of sync {self.seq} vanished from the store", ranks=(0,))
-        return dict(value)
 
     def verdict(self, problems: list[str]) -> None:
         self.keys.put(self._k(f"verdict/{self.rank}"), {"problems": problems})

@@ -125,13 +125,6 @@ class KeyStore:
     def has(self, keys: Sequence[str]) -> list[bool]:
         return [raw is not None for raw in self._multi_get([self.full_name(k) for k in keys])]
 
-    def add(self, key: str, amount: int) -> int:
-        """A counter (not sealed: the store does the arithmetic); only for statistics, never trusted."""
-        try:
-            return self.client.add(self.full_name(key), amount)
-        except StoreUnreachable as err:
-            raise trainer_unreachable(err) from err
-
     # --------------------------------------------------------------------------------------- waiting
     def wait(self, keys: Sequence[str], deadline: float, on_poll: Callable[[], None]) -> list[Any]:
         """Return the values of `keys` once every one exists; `on_poll` runs between slices of the wait and

@@ -69,6 +69,13 @@ def make_tensors(count: int, version: int, device: str | torch.device = "cpu",
     return out
 
 
+def destinations_for(count: int, version: int, device: str | torch.device = "cpu",
+                     large_numel: int = 0) -> dict[str, torch.Tensor]:
+    """Contiguous, uninitialised destinations of `make_tensors(count, ...)`'s names, shapes and dtypes."""
+    return {n: torch.empty_like(t, memory_format=torch.contiguous_format)
+            for n, t in make_tensors(count, version, device, large_numel)}
+
+
 def digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(named, key=lambda kv: kv[0]):
@@ -134,8 +141,7 @@ def run_receiver(env: MemberEnv, local_rank: int, versions: int, style: str, res
     try:
         with WeightReceiver(env, local_rank=local_rank, device=device) as receiver:
             digests, reports = {}, []
-            destinations = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
-                            for n, t in make_tensors(count, 0, device, large_numel)}
+            destinations = destinations_for(count, 0, device, large_numel)
             for v in range(versions):
                 got: dict[str, torch.Tensor] = {}
 
@@ -180,8 +186,7 @@ def run_polling_receiver(env: MemberEnv, count: int, signals: Queue[Any], result
     _begin()
     try:
         with WeightReceiver(env) as receiver:
-            destinations = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
-                            for n, t in make_tensors(count, 0)}
+            destinations = destinations_for(count, 0)
             receiver.receive(into=destinations)
             timeouts = 0
             while True:
@@ -364,8 +369,7 @@ def run_receiver_until(env: MemberEnv, local_rank: int, count: int, last_version
     _begin()
     try:
         with WeightReceiver(env, local_rank=local_rank) as receiver:
-            destinations = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
-                            for n, t in make_tensors(count, 0)}
+            destinations = destinations_for(count, 0)
             params = {n: torch.nn.Parameter(t, requires_grad=t.is_floating_point() or t.is_complex())
                       for n, t in destinations.items()}  # as an engine's model holds them
             while True:
@@ -423,8 +427,7 @@ def run_receiver_counting(env: MemberEnv, count: int, syncs: int, results: Queue
     _begin()
     try:
         with WeightReceiver(env) as receiver:
-            destinations = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
-                            for n, t in make_tensors(count, 0, large_numel=large_numel)}
+            destinations = destinations_for(count, 0, large_numel=large_numel)
             for _ in range(syncs):
                 report = receiver.receive(into=destinations)
             results.put(_result(rank, version=report.version, digest=digest(destinations.items())))
@@ -524,8 +527,7 @@ def run_rekeying_receiver(env: MemberEnv, count: int, results: Queue[Any]) -> No
     _begin()
     try:
         with WeightReceiver(env) as receiver:
-            into = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
-                    for n, t in make_tensors(count, 0)}
+            into = destinations_for(count, 0)
             receiver.receive(into=into)
             first = digest(into.items())
             names = list(into)

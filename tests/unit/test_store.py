@@ -345,20 +345,26 @@ def test_binding_a_port_in_use_names_the_port(server: StoreServer) -> None:
         StoreServer(server.port, TOKEN, host=HOST)
 
 
-def test_server_close_ends_every_connection_and_is_idempotent() -> None:
-    srv = StoreServer(0, TOKEN, host=HOST)
-    idle, waiting = connect(srv.port), connect(srv.port)
+def blocked_wait(client: StoreClient, srv: StoreServer) -> tuple[threading.Thread, list[BaseException]]:
+    """`client` waiting in the server, on a thread, for a key nobody writes; the errors the wait ends with."""
     errors: list[BaseException] = []
 
     def wait() -> None:
         try:
-            waiting.wait(["never"], 60.0)
+            client.wait(["never"], 60.0)
         except BaseException as err:
             errors.append(err)
 
     thread = threading.Thread(target=wait)
     thread.start()
     until(lambda: srv.stats()["waiters"] == 1, what="the wait to reach the server")
+    return thread, errors
+
+
+def test_server_close_ends_every_connection_and_is_idempotent() -> None:
+    srv = StoreServer(0, TOKEN, host=HOST)
+    idle, waiting = connect(srv.port), connect(srv.port)
+    thread, errors = blocked_wait(waiting, srv)
     srv.close()
     srv.close()
     thread.join(timeout=30)
@@ -371,17 +377,7 @@ def test_server_close_ends_every_connection_and_is_idempotent() -> None:
 
 def test_client_close_interrupts_its_own_wait(server: StoreServer) -> None:
     waiting = connect(server.port)
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            waiting.wait(["never"], 60.0)
-        except BaseException as err:
-            errors.append(err)
-
-    thread = threading.Thread(target=wait)
-    thread.start()
-    until(lambda: server.stats()["waiters"] == 1, what="the wait to reach the server")
+    thread, errors = blocked_wait(waiting, server)
     waiting.close()
     thread.join(timeout=30)
     assert len(errors) == 1 and isinstance(errors[0], StoreUnreachable)
