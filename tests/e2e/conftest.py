@@ -9,35 +9,20 @@ equal the trainer's), and the processes on this machine (`/proc`).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
+import demo_driver
 import pytest
 import yaml
 from weightsync.sandbox import Sandbox
 from weightsync.sandbox.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_demo_driver() -> ModuleType:
-    """examples/demo/run_demo.py (not a package): the demo driver, its log parsing and its checks."""
-    spec = importlib.util.spec_from_file_location("run_demo", ROOT / "examples" / "demo" / "run_demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_demo"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-run_demo = _load_demo_driver()
+run_demo = demo_driver.load()  # the demo driver, its log parsing and its checks
 
 T = TypeVar("T")
 

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
+
+import demo_driver
 
 
 def _run_demo() -> ModuleType:
-    if "run_demo" in sys.modules:  # the e2e tests' conftest loads it the same way
-        return sys.modules["run_demo"]
-    path = Path(__file__).resolve().parents[2] / "examples" / "demo" / "run_demo.py"
-    spec = importlib.util.spec_from_file_location("run_demo", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_demo"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return demo_driver.load()
 
 
 TRAINER_LOG = """\
