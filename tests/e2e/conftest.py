@@ -22,6 +22,8 @@ import yaml
 from weightsync.sandbox import Sandbox
 from weightsync.sandbox.waiting import wait_for
 
+ROOT = Path(__file__).resolve().parents[2]
+
 run_demo = demo_driver.load()  # the demo driver, its log parsing and its checks
 
 T = TypeVar("T")
