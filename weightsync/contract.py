@@ -17,8 +17,9 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 log = logging.getLogger("weightsync.contract")
@@ -28,6 +29,12 @@ ENV_PREFIX = "WEIGHTSYNC_"
 Role = Literal["trainer", "inference"]
 Backend = Literal["nccl", "gloo"]
 Protocol = Literal["weightsync", "vllm"]
+#: How a vLLM engine's scheduler pauses around a weight update (vLLM's `POST /pause?mode=`): `keep` queues
+#: requests in flight and new ones, `wait` drains them first, `abort` aborts them.
+VllmPauseMode = Literal["keep", "wait", "abort"]
+#: How vLLM engines join the trainer's communicator: the NCCL unique id in the init request, or vLLM's
+#: TCP-store form (the engines read a pickled id from a torch TCPStore the trainer hosts).
+VllmRendezvous = Literal["unique-id", "tcp-store"]
 
 #: The pod annotation holding the group epoch; projected into members through a downward-API volume.
 EPOCH_ANNOTATION = "weightsync.dev/epoch"
@@ -51,6 +58,8 @@ DEFAULT_PORT = 29500
 DEFAULT_BUFFER_BYTES = 1 << 30
 DEFAULT_NUM_BUFFERS = 2
 DEFAULT_TIMEOUT_SECONDS = 300.0
+#: vLLM's `vllm serve --port` default.
+DEFAULT_ENGINE_PORT = 8000
 
 # The bounds of the env fields, the same as the CRD's bounds of the spec fields they are written from
 # (weightsync/api/models.py, which imports this module and so cannot be imported here; a unit test keeps
@@ -82,8 +91,6 @@ OTHER_VARIABLES = frozenset(
         "WEIGHTSYNC_METRICS_PORT",
         "WEIGHTSYNC_RESYNC_SECONDS",
         "WEIGHTSYNC_STANDALONE",
-        # operator/kube.py: test hook of tests/integration/test_operator.py (the operator exits mid-write).
-        "WEIGHTSYNC_TEST_CRASH_AFTER_WRITES",
         # hack/venv.sh, hack/build-sandbox-bins.sh: the cache directory and the control-plane versions.
         "WEIGHTSYNC_CACHE",
         "WEIGHTSYNC_K8S_VERSION",
@@ -170,6 +177,33 @@ class MemberEnv(BaseModel):
         default=(),
         description="Trainer only: the inference pods' DNS names, comma-separated, in replica order.",
     )
+    engine_port: int = Field(
+        default=DEFAULT_ENGINE_PORT,
+        ge=1,
+        le=65535,
+        description="Protocol `vllm`: the HTTP port of every engine server; the trainer drives "
+        "`http://<endpoint>:<port>` for each endpoint.",
+    )
+    engine_urls: tuple[str, ...] = Field(
+        default=(),
+        description="Protocol `vllm`, trainer only: the engines' base URLs (`http(s)://host[:port]`, no path), "
+        "comma-separated, in replica order; when set, used instead of the endpoints and the engine port.",
+    )
+    vllm_pause_mode: VllmPauseMode = Field(
+        default="keep",
+        description="Protocol `vllm`: `POST /pause?mode=` before each update: `keep` (requests wait), `wait` "
+        "(drain first), `abort` (abort them).",
+    )
+    vllm_rendezvous: VllmRendezvous = Field(
+        default="unique-id",
+        description="Protocol `vllm` on NCCL: `unique-id` (the id in the init request) or `tcp-store` (a "
+        "torch TCPStore on the master port holding a pickled id, which the engines unpickle).",
+    )
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _base_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_base_url(u) for u in urls)
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> MemberEnv:
@@ -198,7 +232,7 @@ class MemberEnv(BaseModel):
             value = environ.get(env_name(field))
             if value is None:
                 continue
-            raw[field] = tuple(v for v in value.split(",") if v) if field == "endpoints" else value
+            raw[field] = tuple(v for v in value.split(",") if v) if field in _LIST_FIELDS else value
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
@@ -217,6 +251,29 @@ class MemberEnv(BaseModel):
             env[env_name(field)] = text
         return env
 
+    def engine_membership(self) -> tuple[int, int, tuple[str, ...]]:
+        """Protocol `vllm`, on the trainer: (epoch, world size, the engines' base URLs) as the operator last
+        published them, from one read of the annotations file. The URLs are `WEIGHTSYNC_ENGINE_URLS` when
+        set, else `http://<endpoint>:<engine_port>` for each inference pod in the endpoints annotation (a
+        scale changes it without restarting the trainer), or in `WEIGHTSYNC_ENDPOINTS` before the file
+        exists."""
+        annotations = read_annotations(Path(self.annotations_file))
+        epoch, world_size = self._membership_of(annotations)
+        if self.engine_urls:
+            return epoch, world_size, self.engine_urls
+        published = annotations.get(ENDPOINTS_ANNOTATION)
+        hosts = tuple(h for h in published.split(",") if h) if published is not None else self.endpoints
+        urls = []
+        for host in hosts:
+            where = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            try:
+                urls.append(check_base_url(f"http://{where}:{self.engine_port}"))
+            except ValueError as err:
+                source = (f"annotations file {self.annotations_file}: annotation {ENDPOINTS_ANNOTATION}"
+                          if published is not None else env_name("endpoints"))
+                raise ContractError(f"{source}: endpoint {_clip(host)} is not a host name: {err}") from None
+        return epoch, world_size, tuple(urls)
+
     def current_epoch(self) -> int:
         """The epoch from the annotations file when it is there (the operator bumps it), else `epoch`."""
         return self.membership()[0]
@@ -224,13 +281,45 @@ class MemberEnv(BaseModel):
     def membership(self) -> tuple[int, int]:
         """(epoch, world size) as the operator last published them, read together from one file read;
         the env's values until the annotations file exists. A malformed file raises ContractError."""
-        annotations = read_annotations(Path(self.annotations_file))
+        return self._membership_of(read_annotations(Path(self.annotations_file)))
+
+    def _membership_of(self, annotations: Mapping[str, str]) -> tuple[int, int]:
         epoch = int(annotations.get(EPOCH_ANNOTATION, self.epoch))
         world_size = int(annotations.get(WORLD_SIZE_ANNOTATION, self.world_size))
         if not 2 <= world_size <= MAX_WORLD_SIZE:
             raise ContractError(f"annotations file {self.annotations_file}: annotation {WORLD_SIZE_ANNOTATION}: "
                                 f"value {world_size} is outside 2..{MAX_WORLD_SIZE}")
         return epoch, world_size
+
+
+#: Fields whose variable is a comma-separated list.
+_LIST_FIELDS = ("endpoints", "engine_urls")
+
+
+def check_base_url(url: str) -> str:
+    """`url` as an engine's base URL: `http(s)://host[:port]` with no credentials, path, query or fragment
+    (a trailing `/` is dropped). Raises ValueError saying what is wrong."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError as err:
+        raise ValueError(f"engine URL {url!r}: {err}") from None
+    problem = ""
+    if parts.scheme not in ("http", "https"):
+        problem = "the scheme must be http or https"
+    elif not parts.hostname:
+        problem = "no host"
+    elif parts.username is not None or parts.password is not None:
+        problem = "credentials are not allowed"
+    elif parts.path not in ("", "/"):
+        problem = f"a path ({parts.path!r}) is not allowed: give the server's base URL"
+    elif parts.query or parts.fragment or url.endswith(("?", "#")):
+        problem = "a query or fragment is not allowed"
+    elif port == 0:
+        problem = "port 0"
+    if problem:
+        raise ValueError(f"engine URL {url!r}: {problem} (expected http(s)://host[:port])")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def env_name(field: str) -> str:
@@ -354,19 +443,20 @@ def _describe(err: ValidationError, environ: Mapping[str, str] | None = None) ->
 def _closest(name: str) -> str | None:
     """The valid variable `name` most likely misspells, if any: the same name in upper case, else the
     closest by difflib (without the common prefix), else the one name holding all of its words
-    (`WEIGHTSYNC_PORT` -> `WEIGHTSYNC_MASTER_PORT`); contract variables before the others."""
+    (`WEIGHTSYNC_PORT` -> `WEIGHTSYNC_MASTER_PORT`: of several contract variables holding them, the first
+    declared, the group's own settings coming before the engines'); contract variables before the others."""
     upper = name.upper()
     if upper in reserved_env_names() or upper in OTHER_VARIABLES:  # right name, wrong case
         return upper
     suffix = upper[len(ENV_PREFIX) :]
     words = set(suffix.split("_")) - {""}
-    for names in (reserved_env_names(), OTHER_VARIABLES):
-        known = {n[len(ENV_PREFIX) :]: n for n in sorted(names)}
-        match = difflib.get_close_matches(suffix, list(known), n=1)
+    for names, declared in (([env_name(f) for f in MemberEnv.model_fields], True), (sorted(OTHER_VARIABLES), False)):
+        known = {n[len(ENV_PREFIX) :]: n for n in names}
+        match = difflib.get_close_matches(suffix, sorted(known), n=1)
         if match:
             return known[match[0]]
         holding = [n for k, n in known.items() if words and words <= set(k.split("_"))]
-        if len(holding) == 1:
+        if len(holding) == 1 or (holding and declared):
             return holding[0]
     return None
 
