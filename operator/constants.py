@@ -5,14 +5,6 @@ Pure: no kopf, no client.
 
 from __future__ import annotations
 
-from weightsync.contract import (
-    ENDPOINTS_ANNOTATION,
-    EPOCH_ANNOTATION,
-    LAST_SYNC_ANNOTATION,
-    PODINFO_MOUNT_PATH,
-    WORLD_SIZE_ANNOTATION,
-)
-
 #: The operator's name: field manager, event source, kopf peering name, `app.kubernetes.io/managed-by`.
 OPERATOR_NAME = "weightsync-operator"
 
@@ -32,57 +24,23 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 APP_NAME = "weightsync"
 
 # --- annotations on member pods ---------------------------------------------------------------------------
-#: Group epoch (contract); bumped in place on surviving members, projected through the podinfo volume.
-EPOCH = EPOCH_ANNOTATION
-#: The trainer's latest sync report (contract); written by the trainer's runtime on its own pod.
-LAST_SYNC = LAST_SYNC_ANNOTATION
-#: World size at the current epoch, updated with the epoch (a scale changes it for surviving members, whose
-#: WEIGHTSYNC_WORLD_SIZE env still holds the value at their creation).
-WORLD_SIZE = WORLD_SIZE_ANNOTATION
-#: Trainer only: the inference pods' DNS names at the current epoch, comma-separated in replica order
-#: (WEIGHTSYNC_ENDPOINTS holds them as at the trainer's creation).
-ENDPOINTS = ENDPOINTS_ANNOTATION
+# The epoch, world size, endpoints and last-sync annotations are the contract's (weightsync/contract.py:
+# EPOCH_ANNOTATION, WORLD_SIZE_ANNOTATION, ENDPOINTS_ANNOTATION, LAST_SYNC_ANNOTATION). The operator's own:
+#: The hash of the pod template a member was made from: a member whose hash is not the current template's
+#: is out of date (see spec.updateStrategy).
+TEMPLATE_HASH = "weightsync.dev/template-hash"
+#: The uid of the token Secret a member was made with: a member of an older Secret holds a token the group
+#: no longer uses and is replaced.
+TOKEN_SECRET_UID = "weightsync.dev/token-secret-uid"
 
 # --- pod wiring -------------------------------------------------------------------------------------------
 #: The downward-API volume holding the pod's annotations, mounted at PODINFO_MOUNT_PATH in every container.
 PODINFO_VOLUME = "weightsync-podinfo"
-PODINFO_PATH = PODINFO_MOUNT_PATH
 #: Key of the group token in the `<ws>-token` Secret; reaches pods as WEIGHTSYNC_TOKEN via secretKeyRef.
 TOKEN_KEY = "token"
 TOKEN_ENV = "WEIGHTSYNC_TOKEN"
 #: Name of the Service port (the rendezvous store on the trainer).
 RENDEZVOUS_PORT_NAME = "rendezvous"
-
-# --- child names ------------------------------------------------------------------------------------------
-
-
-def service_name(ws: str) -> str:
-    """The headless Service: `<ws>`."""
-    return ws
-
-
-def secret_name(ws: str) -> str:
-    """The Secret holding the group token: `<ws>-token`."""
-    return f"{ws}-token"
-
-
-def trainer_pod_name(ws: str) -> str:
-    return f"{ws}-trainer-0"
-
-
-def inference_pod_name(ws: str, replica: int) -> str:
-    return f"{ws}-inference-{replica}"
-
-
-def report_role_name(ws: str) -> str:
-    """Role (and RoleBinding) letting the trainer patch its own pod with its sync report."""
-    return f"{ws}-trainer-report"
-
-
-def pod_dns(ws: str, namespace: str, pod: str) -> str:
-    """A member's DNS name under the headless Service (hostname = pod name, subdomain = Service)."""
-    return f"{pod}.{service_name(ws)}.{namespace}.svc.cluster.local"
-
 
 # --- event reasons ----------------------------------------------------------------------------------------
 REASON_CREATED = "Created"  # a child was created (or re-created after drift)
@@ -102,5 +60,12 @@ REASON_PENDING = "Pending"  # members being created
 REASON_STALE_CHILD = "StaleChild"  # a child of the same name belongs to someone else (e.g. a deleted owner)
 REASON_TOKEN_RECREATED = "TokenRecreated"  # the token Secret was missing and got a new token
 REASON_INVALID_REPORT = "InvalidSyncReport"  # the trainer's last-sync annotation could not be parsed
+REASON_INVALID_CHILD = "InvalidChild"  # the API server refuses a child as invalid (the spec must change): Failed
+REASON_CHILD_REJECTED = "ChildRejected"  # the API server refuses a child for now (forbidden, quota): retried
+REASON_FOREIGN_CHILD = "ForeignChild"  # a Service, Secret, Role or RoleBinding of our name that we did not make
+REASON_REPLACED = "MemberReplaced"  # an out-of-date member (template, token) deleted to be re-created
+REASON_OUT_OF_DATE = "MembersOutOfDate"  # members made from an older template (updateStrategy OnDelete)
+REASON_WAITING = "MembersWaiting"  # members that cannot start: unschedulable, image or config errors
+REASON_API_ERROR = "ApiError"  # a write the API server refused after planning (retried with a backoff)
 REASON_RECOVERED = "Recovered"  # Degraded cleared: the group is whole again
 REASON_AS_EXPECTED = "AsExpected"  # a condition that does not apply

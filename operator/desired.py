@@ -19,13 +19,23 @@ annotation into `status.lastSync` (see `plan.py`).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from weightsync.api.models import API_VERSION, KIND, WeightSyncSpec
-from weightsync.contract import MemberEnv, reserved_env_names
+from weightsync.contract import (
+    ENDPOINTS_ANNOTATION,
+    EPOCH_ANNOTATION,
+    PODINFO_MOUNT_PATH,
+    WORLD_SIZE_ANNOTATION,
+    MemberEnv,
+    reserved_env_names,
+)
 
 from . import constants as c
+from . import names
 
 Obj = dict[str, Any]
 
@@ -43,6 +53,8 @@ class Group:
     uid: str
     spec: WeightSyncSpec
     epoch: int = 0
+    #: The uid of the token Secret new members get their token from (recorded on each member).
+    secret_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,9 +71,9 @@ class Slot:
 def slots(name: str, spec: WeightSyncSpec) -> list[Slot]:
     """The members, trainer first then replicas in order; replica r has rank offset 1 + r x workers."""
     workers = spec.inference.workers_per_replica
-    out = [Slot(c.trainer_pod_name(name), "trainer", 0, 0, 1)]
+    out = [Slot(names.trainer_pod_name(name), "trainer", 0, 0, 1)]
     out += [
-        Slot(c.inference_pod_name(name, r), "inference", r, 1 + r * workers, workers)
+        Slot(names.inference_pod_name(name, r), "inference", r, 1 + r * workers, workers)
         for r in range(spec.inference.replicas)
     ]
     return out
@@ -69,9 +81,8 @@ def slots(name: str, spec: WeightSyncSpec) -> list[Slot]:
 
 def endpoints(group: Group) -> list[str]:
     """The inference pods' DNS names, in replica order."""
-    return [
-        c.pod_dns(group.name, group.namespace, s.pod) for s in slots(group.name, group.spec) if s.role == "inference"
-    ]
+    members = slots(group.name, group.spec)
+    return [names.pod_dns(group.name, group.namespace, s.pod) for s in members if s.role == "inference"]
 
 
 def labels(name: str, role: str | None = None, replica: int | None = None) -> dict[str, str]:
@@ -109,7 +120,7 @@ def service(group: Group) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(group, c.service_name(group.name)),
+        "metadata": _meta(group, names.service_name(group.name)),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -124,7 +135,7 @@ def secret(group: Group, token: str) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(group, c.secret_name(group.name)),
+        "metadata": _meta(group, names.secret_name(group.name)),
         "type": "Opaque",
         "stringData": {c.TOKEN_KEY: token},
     }
@@ -140,12 +151,12 @@ def report_role(group: Group) -> Obj:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(group, c.report_role_name(group.name)),
+        "metadata": _meta(group, names.report_role_name(group.name)),
         "rules": [
             {
                 "apiGroups": [""],
                 "resources": ["pods"],
-                "resourceNames": [c.trainer_pod_name(group.name)],
+                "resourceNames": [names.trainer_pod_name(group.name)],
                 "verbs": ["get", "patch"],
             }
         ],
@@ -156,11 +167,11 @@ def report_role_binding(group: Group) -> Obj:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(group, c.report_role_name(group.name)),
+        "metadata": _meta(group, names.report_role_name(group.name)),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
-            "name": c.report_role_name(group.name),
+            "name": names.report_role_name(group.name),
         },
         "subjects": [
             {
@@ -179,7 +190,7 @@ def member_env(group: Group, slot: Slot) -> MemberEnv:
         name=group.name,
         namespace=group.namespace,
         role="trainer" if slot.role == "trainer" else "inference",
-        master_addr=c.pod_dns(group.name, group.namespace, c.trainer_pod_name(group.name)),
+        master_addr=names.pod_dns(group.name, group.namespace, names.trainer_pod_name(group.name)),
         master_port=spec.rendezvous.port,
         world_size=spec.world_size,
         rank_offset=slot.rank_offset,
@@ -203,7 +214,7 @@ def env_vars(group: Group, slot: Slot) -> list[Obj]:
     out.append(
         {
             "name": c.TOKEN_ENV,
-            "valueFrom": {"secretKeyRef": {"name": c.secret_name(group.name), "key": c.TOKEN_KEY}},
+            "valueFrom": {"secretKeyRef": {"name": names.secret_name(group.name), "key": c.TOKEN_KEY}},
         }
     )
     out += [{"name": k, "value": v} for k, v in sorted(group.spec.network.nccl_env.items())]
@@ -212,16 +223,25 @@ def env_vars(group: Group, slot: Slot) -> list[Obj]:
 
 def member_annotations(group: Group, slot: Slot, epoch: int) -> dict[str, str]:
     """The annotations the operator keeps current on a member (the epoch, and what changes with it)."""
-    out = {c.EPOCH: str(epoch), c.WORLD_SIZE: str(group.spec.world_size)}
+    out = {EPOCH_ANNOTATION: str(epoch), WORLD_SIZE_ANNOTATION: str(group.spec.world_size)}
     if slot.role == "trainer":
-        out[c.ENDPOINTS] = ",".join(endpoints(group))
+        out[ENDPOINTS_ANNOTATION] = ",".join(endpoints(group))
     return out
+
+
+def template_of(spec: WeightSyncSpec, role: str) -> Obj:
+    return spec.trainer.template if role == "trainer" else spec.inference.template
+
+
+def template_hash(spec: WeightSyncSpec, role: str) -> str:
+    """A digest of the user's pod template for `role`: a member made from another one is out of date."""
+    text = json.dumps(template_of(spec, role), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def pod(group: Group, slot: Slot) -> Obj:
     """A member pod: the user's template plus the group wiring; the template's own fields are kept."""
-    template = group.spec.trainer.template if slot.role == "trainer" else group.spec.inference.template
-    template = copy.deepcopy(template)
+    template = copy.deepcopy(template_of(group.spec, slot.role))
     user_meta = template.get("metadata") or {}
     spec: Obj = template["spec"]
     meta = _meta(group, slot.pod, slot.role, slot.replica)
@@ -229,10 +249,13 @@ def pod(group: Group, slot: Slot) -> Obj:
     meta["annotations"] = {
         **(user_meta.get("annotations") or {}),
         **member_annotations(group, slot, group.epoch),
+        c.TEMPLATE_HASH: template_hash(group.spec, slot.role),
     }
+    if group.secret_uid:
+        meta["annotations"][c.TOKEN_SECRET_UID] = group.secret_uid
 
     spec["hostname"] = slot.pod
-    spec["subdomain"] = c.service_name(group.name)
+    spec["subdomain"] = names.service_name(group.name)
     spec["restartPolicy"] = "Never"
     if group.spec.network.host_network:
         spec["hostNetwork"] = True
@@ -249,7 +272,7 @@ def pod(group: Group, slot: Slot) -> Obj:
         container["env"] = [*ours, *(container.get("env") or [])]
         container["volumeMounts"] = [
             *(container.get("volumeMounts") or []),
-            {"name": c.PODINFO_VOLUME, "mountPath": c.PODINFO_PATH, "readOnly": True},
+            {"name": c.PODINFO_VOLUME, "mountPath": PODINFO_MOUNT_PATH, "readOnly": True},
         ]
     _add_rdma(spec["containers"], group.spec.network.rdma_resource, group.spec.network.rdma_count)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}

@@ -75,12 +75,16 @@ def _reconcile_key(key: Key) -> float | None:
     finally:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     metrics.set_phase(key, result.phase)
+    scheduler = _scheduler()
     if not result.found:
-        _scheduler().forget(key)
+        scheduler.forget(key)
         return None
     metrics.RESTARTS.inc(result.failures)
     if result.epoch_changed:
         metrics.EPOCH_CHANGES.inc()
+    if result.rejected:  # the status says why; try again later, sooner if something changes
+        return scheduler.backoff.failed(key)
+    scheduler.backoff.succeeded(key)
     return result.requeue_after
 
 

@@ -22,25 +22,14 @@ from kubernetes.client.exceptions import ApiException
 from weightsync.api.models import GROUP, PLURAL, VERSION
 
 from . import constants as c
-from .plan import (
-    Action,
-    Create,
-    Delete,
-    Event,
-    Observed,
-    Patch,
-    WeightSyncObject,
-    observe_pod,
-)
+from . import names
+from .decision import Action, Create, Delete, Event, Patch
+from .observed import Observed, Rejection, WeightSyncObject, observe_pod
 
 log = logging.getLogger("weightsync.operator.kube")
 
 Obj = dict[str, Any]
 MERGE = "application/merge-patch+json"
-
-#: Test hook: exit the process abruptly (as a SIGKILL would) after this many API writes, to prove that a
-#: reconcile killed at any point is repaired by the next one. Unset in production.
-CRASH_AFTER_WRITES_ENV = "WEIGHTSYNC_TEST_CRASH_AFTER_WRITES"
 
 
 class Conflict(Exception):
@@ -53,9 +42,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self._writes = 0
-        crash = os.environ.get(CRASH_AFTER_WRITES_ENV)
-        self._crash_after = int(crash) if crash else None
+        self.writes = 0
 
     # --- reads ----------------------------------------------------------------------------------------
 
@@ -76,13 +63,13 @@ class Kube:
         pods = {p["metadata"]["name"]: observe_pod(p, ws.uid) for p in (raw or {}).get("items", [])}
         return Observed(
             pods=pods,
-            service=self._raw(self.core.read_namespaced_service, c.service_name(name), ns, _preload_content=False),
+            service=self._raw(self.core.read_namespaced_service, names.service_name(name), ns, _preload_content=False),
             secret=self._meta_only(
-                self._raw(self.core.read_namespaced_secret, c.secret_name(name), ns, _preload_content=False)
+                self._raw(self.core.read_namespaced_secret, names.secret_name(name), ns, _preload_content=False)
             ),
-            role=self._raw(self.rbac.read_namespaced_role, c.report_role_name(name), ns, _preload_content=False),
+            role=self._raw(self.rbac.read_namespaced_role, names.report_role_name(name), ns, _preload_content=False),
             role_binding=self._raw(
-                self.rbac.read_namespaced_role_binding, c.report_role_name(name), ns, _preload_content=False
+                self.rbac.read_namespaced_role_binding, names.report_role_name(name), ns, _preload_content=False
             ),
         )
 
@@ -106,11 +93,8 @@ class Kube:
     # --- writes ---------------------------------------------------------------------------------------
 
     def _wrote(self) -> None:
-        self._writes += 1
-        if self._crash_after is not None and self._writes >= self._crash_after:
-            log.warning("test hook %s=%s: exiting abruptly", CRASH_AFTER_WRITES_ENV, self._crash_after)
-            logging.shutdown()
-            os._exit(137)
+        """Called after every write the operator makes (tests/support/crashing_operator.py hooks it)."""
+        self.writes += 1
 
     def write_status(self, ws: Obj, status: Obj) -> None:
         meta = ws["metadata"]
@@ -144,7 +128,25 @@ class Kube:
             self._wrote()
         return True
 
-    def _create(self, ns: str, obj: Obj) -> None:
+    def dry_run(self, namespace: str, creates: list[Create]) -> list[Rejection]:
+        """Each create as a server-side dry run (admission, validation, quota; nothing is stored): the ones
+        the API server refuses, with its answer. A 409 (the object exists) is no refusal, except for a pod:
+        pods are listed by the group label, so a pod of a member's name that was not listed is someone else's."""
+        out = []
+        for action in creates:
+            try:
+                self._create(namespace, action.obj, dry_run=True)
+            except ApiException as err:
+                if err.status == 409:
+                    if action.kind == "Pod":
+                        message = (f"a pod named {action.name} exists without this group's labels; "
+                                   "delete or rename it")
+                        out.append(Rejection(action.kind, action.name, 409, "AlreadyExists", message))
+                    continue
+                out.append(Rejection(action.kind, action.name, int(err.status or 0), *_api_message(err)))
+        return out
+
+    def _create(self, ns: str, obj: Obj, dry_run: bool = False) -> None:
         kind = obj["kind"]
         creators: dict[str, Callable[..., Any]] = {
             "Pod": self.core.create_namespaced_pod,
@@ -153,7 +155,8 @@ class Kube:
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
         }
-        creators[kind](ns, obj, field_manager=c.OPERATOR_NAME, _preload_content=False)
+        extra = {"dry_run": "All"} if dry_run else {}
+        creators[kind](ns, obj, field_manager=c.OPERATOR_NAME, _preload_content=False, **extra)
 
     def _patch(self, ns: str, action: Patch) -> None:
         patchers: dict[str, Callable[..., Any]] = {
@@ -205,3 +208,21 @@ class Kube:
             self.core.create_namespaced_event(meta["namespace"], cast(Any, body), _preload_content=False)
         except ApiException as err:
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], err)
+
+
+def _api_message(err: ApiException) -> tuple[str, str]:
+    """(reason, message) of an API server error: its Status object's, which names the field at fault."""
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    reason = str(body.get("reason") or err.reason or "")
+    message = str(body.get("message") or err.reason or f"HTTP {err.status}")
+    return reason, message[:2000]
+
+
+def api_error_text(err: ApiException) -> str:
+    reason, message = _api_message(err)
+    return f"HTTP {err.status} {reason}: {message}"

@@ -14,8 +14,29 @@ from typing import Any
 log = logging.getLogger("weightsync.operator.scheduler")
 
 Key = tuple[str, str]  # (namespace, name)
-#: Delay before retrying a reconcile that raised.
+#: First delay before retrying a reconcile that raised or whose children the API server refused; it doubles
+#: with each consecutive failure of that object, up to MAX_RETRY_SECONDS.
 ERROR_RETRY_SECONDS = 5.0
+MAX_RETRY_SECONDS = 300.0
+
+
+class RetryBackoff:
+    """Consecutive failures per key -> the delay before the next retry (5 s, 10 s, 20 s ... 300 s)."""
+
+    def __init__(self, first: float = ERROR_RETRY_SECONDS, cap: float = MAX_RETRY_SECONDS) -> None:
+        self.first = first
+        self.cap = cap
+        self.failures: dict[Key, int] = {}
+
+    def failed(self, key: Key) -> float:
+        n = self.failures[key] = self.failures.get(key, 0) + 1
+        return float(min(self.cap, self.first * 2 ** min(n - 1, 32)))
+
+    def succeeded(self, key: Key) -> None:
+        self.failures.pop(key, None)
+
+    def count(self, key: Key) -> int:
+        return self.failures.get(key, 0)
 
 
 class Scheduler:
@@ -32,6 +53,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.known: set[Key] = set()
         self.paused = False
+        self.backoff = RetryBackoff()
 
     async def trigger(self, key: Key) -> None:
         self.known.add(key)
@@ -43,9 +65,13 @@ class Scheduler:
             while True:
                 try:
                     delay = await asyncio.to_thread(self._reconcile, key)
-                except Exception:
-                    log.exception("reconcile of %s/%s failed; retrying in %ss", *key, ERROR_RETRY_SECONDS)
-                    delay = ERROR_RETRY_SECONDS
+                except Exception as err:
+                    delay = self.backoff.failed(key)
+                    if self.backoff.count(key) == 1:
+                        log.exception("reconcile of %s/%s failed; retrying in %ss", *key, delay)
+                    else:  # the traceback was logged once; the same failure again is one line
+                        log.warning("reconcile of %s/%s failed again (%d in a row): %s; retrying in %ss", *key,
+                                    self.backoff.count(key), err, delay)
                 if delay is not None:
                     self.later(key, delay)
                 if not self._running[key]:
@@ -75,6 +101,7 @@ class Scheduler:
 
     def forget(self, key: Key) -> None:
         self.known.discard(key)
+        self.backoff.succeeded(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()

@@ -47,14 +47,24 @@ class OperatorProcess:
         return self.log_dir / f"{self.label}-{self.runs}.log"
 
     def start(
-        self, env: dict[str, str] | None = None, wait: bool = True, priority: int | None = None
+        self,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        priority: int | None = None,
+        crash_after_writes: int | None = None,
     ) -> OperatorProcess:
-        """Start it; with `priority`, it runs with kopf peering (the KopfPeering object must exist)."""
+        """Start it; with `priority`, it runs with kopf peering (the KopfPeering object must exist); with
+        `crash_after_writes`, it exits abruptly (137) right after that many API writes."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.runs += 1
         self.liveness_port, self.metrics_port = free_port(), free_port()
+        entry = (
+            ["-m", "weightsync.operator"]
+            if crash_after_writes is None
+            else [str(ROOT / "tests" / "support" / "crashing_operator.py"), str(crash_after_writes)]
+        )
         argv = [
-            sys.executable, "-m", "weightsync.operator", "--namespace", self.namespace,
+            sys.executable, *entry, "--namespace", self.namespace,
             "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
             "--resync-seconds", "3",
             *(["--standalone"] if priority is None else ["--priority", str(priority)]),

@@ -20,7 +20,7 @@ from weightsync.sandbox import Sandbox
 from weightsync.sandbox.waiting import wait_for
 
 from weightsync.api.models import MAX_STATUS_INT
-from weightsync.contract import MemberEnv
+from weightsync.contract import EPOCH_ANNOTATION, LAST_SYNC_ANNOTATION, WORLD_SIZE_ANNOTATION, MemberEnv
 
 from .conftest import OperatorProcess
 
@@ -35,7 +35,7 @@ MEMBER = textwrap.dedent(
     f"""
     import sys, time
     from pathlib import Path
-    from weightsync.contract import MemberEnv
+    from weightsync.contract import EPOCH_ANNOTATION, LAST_SYNC_ANNOTATION, WORLD_SIZE_ANNOTATION, MemberEnv
     env = MemberEnv.from_env()
     print(f"member {{env.role}} rank_offset={{env.rank_offset}} world_size={{env.world_size}}", flush=True)
     seen = None
@@ -253,7 +253,7 @@ def test_apply_creates_exact_children_and_env(
         assert {k: v for k, v in env.items() if k.startswith("NCCL_")} == spec["network"]["ncclEnv"]
         assert pod["spec"]["hostname"] == m["pod"] and pod["spec"]["subdomain"] == "ws"
         assert pod["spec"]["restartPolicy"] == "Never"
-        assert pod["metadata"]["annotations"][c.EPOCH] == "0"
+        assert pod["metadata"]["annotations"][EPOCH_ANNOTATION] == "0"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "WeightSync"
         # the process in the pod read the same contract the runtime reads
         line = f"member {m['role']} rank_offset={m['rankOffset']} world_size={world}"
@@ -307,6 +307,8 @@ def test_drift_is_repaired(sandbox: Sandbox, namespace: str, operator: OperatorP
         )  # fmt: skip
     assert get(sandbox, namespace, "secret", "ws-token")["data"]["token"] != token  # type: ignore[index]
     assert events(sandbox, namespace, c.REASON_TOKEN_RECREATED)
+    st = wait_ready(sandbox, namespace, 1, 2)  # the members holding the old token were replaced: one epoch
+    assert st["restarts"] == 0
     assert children(sandbox, namespace) == expected_children(1)
 
 
@@ -324,8 +326,8 @@ def test_scale_up_and_down(sandbox: Sandbox, namespace: str, operator: OperatorP
     current = pods(sandbox, namespace)
     assert sorted(current) == expected_children(4)["pods"]
     assert current["ws-trainer-0"]["metadata"]["uid"] == trainer_uid, "the trainer was not restarted"
-    assert {p["metadata"]["annotations"][c.EPOCH] for p in current.values()} == {"1"}
-    assert current["ws-trainer-0"]["metadata"]["annotations"][c.WORLD_SIZE] == "9"
+    assert {p["metadata"]["annotations"][EPOCH_ANNOTATION] for p in current.values()} == {"1"}
+    assert current["ws-trainer-0"]["metadata"]["annotations"][WORLD_SIZE_ANNOTATION] == "9"
     assert env_of(current["ws-inference-3"])["WEIGHTSYNC_RANK_OFFSET"] == "7"
     wait_for(lambda: epoch_seen(sandbox, namespace, "ws-trainer-0", 1), TIMEOUT_S, "the trainer to see epoch 1")
 
@@ -390,7 +392,7 @@ def test_operator_killed_mid_reconcile_creates_nothing_twice(
     sandbox: Sandbox, namespace: str, operator: OperatorProcess, writes: int
 ) -> None:
     operator.stop()
-    operator.start(env={"WEIGHTSYNC_TEST_CRASH_AFTER_WRITES": str(writes)})
+    operator.start(crash_after_writes=writes)
     apply(sandbox, namespace, manifest(replicas=3, workers=2))
     assert operator.wait_exit(TIMEOUT_S) == 137, operator.tail()
     partial = children(sandbox, namespace)
@@ -410,7 +412,7 @@ def test_operator_killed_while_handling_a_failure_counts_it_once(
     apply(sandbox, namespace, manifest(replicas=2))
     wait_ready(sandbox, namespace, 0, 3)
     operator.stop()
-    operator.start(env={"WEIGHTSYNC_TEST_CRASH_AFTER_WRITES": "1"})  # dies right after recording the bump
+    operator.start(crash_after_writes=1)  # dies right after recording the bump
     sandbox.kubectl("annotate", "pod", "ws-inference-1", "-n", namespace, f"{FAIL_ANNOTATION}=true")
     assert operator.wait_exit(TIMEOUT_S) == 137, operator.tail()
     assert status(sandbox, namespace)["epoch"] == 1
@@ -450,7 +452,7 @@ def test_last_sync_reaches_status_through_the_trainers_own_pod(
     wait_ready(sandbox, namespace, 0, 2)
     report = {"version": 42, "tensors": 339, "bytes": 15_200_000_000, "seconds": 42.2, "gbps": 360.19,
               "acked": [1], "transport": "gloo", "epoch": 0, "time": "2026-01-01T00:00:00Z"}  # fmt: skip
-    patch = json.dumps({"metadata": {"annotations": {c.LAST_SYNC: json.dumps(report)}}})
+    patch = json.dumps({"metadata": {"annotations": {LAST_SYNC_ANNOTATION: json.dumps(report)}}})
     as_trainer = f"--as=system:serviceaccount:{namespace}:default"
     sandbox.kubectl("patch", "pod", "ws-trainer-0", "-n", namespace, "--type=merge", "-p", patch, as_trainer)
     denied = sandbox.kubectl(
@@ -485,7 +487,7 @@ def test_a_bad_sync_report_is_dropped_with_one_event_and_never_blocks_a_scale(
         return (st.get("lastSync") or {}).get("version")
 
     def report(value: str) -> None:
-        patch = json.dumps({"metadata": {"annotations": {c.LAST_SYNC: value}}})
+        patch = json.dumps({"metadata": {"annotations": {LAST_SYNC_ANNOTATION: value}}})
         sandbox.kubectl("patch", "pod", "ws-trainer-0", "-n", namespace, "--type=merge", "-p", patch, as_trainer)
 
     # the largest version the model admits is one the API server stores

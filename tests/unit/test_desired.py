@@ -10,7 +10,14 @@ from weightsync.operator import constants as c
 from weightsync.operator import desired
 
 from weightsync.api.models import parse_spec
-from weightsync.contract import MemberEnv, reserved_env_names
+from weightsync.contract import (
+    ENDPOINTS_ANNOTATION,
+    EPOCH_ANNOTATION,
+    PODINFO_MOUNT_PATH,
+    WORLD_SIZE_ANNOTATION,
+    MemberEnv,
+    reserved_env_names,
+)
 
 NS = "team-a"
 UID = "1234-uid"
@@ -114,12 +121,12 @@ def test_user_template_is_respected() -> None:
     assert pod["metadata"]["labels"]["team"] == "rl"
     assert pod["metadata"]["labels"][c.NAME_LABEL] == "ws"
     assert pod["metadata"]["annotations"]["note"] == "hi"
-    assert pod["metadata"]["annotations"][c.EPOCH] == "0"
+    assert pod["metadata"]["annotations"][EPOCH_ANNOTATION] == "0"
     first, sidecar = spec["containers"]
     assert first["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert first["env"][-2:] == main["env"], "user env comes after ours (it may reference it)"
     for container in (first, sidecar):
-        assert {"name": c.PODINFO_VOLUME, "mountPath": c.PODINFO_PATH, "readOnly": True} in container[
+        assert {"name": c.PODINFO_VOLUME, "mountPath": PODINFO_MOUNT_PATH, "readOnly": True} in container[
             "volumeMounts"
         ]
         assert reserved_env_names() <= set(env_of(container))
@@ -257,9 +264,9 @@ def test_trainer_annotations_carry_endpoints_and_world_size() -> None:
     g = group(2, 2, epoch=4)
     trainer = desired.slots("ws", g.spec)[0]
     assert desired.member_annotations(g, trainer, 4) == {
-        c.EPOCH: "4",
-        c.WORLD_SIZE: "5",
-        c.ENDPOINTS: "ws-inference-0.ws.team-a.svc.cluster.local,ws-inference-1.ws.team-a.svc.cluster.local",
+        EPOCH_ANNOTATION: "4",
+        WORLD_SIZE_ANNOTATION: "5",
+        ENDPOINTS_ANNOTATION: "ws-inference-0.ws.team-a.svc.cluster.local,ws-inference-1.ws.team-a.svc.cluster.local",
     }
 
 

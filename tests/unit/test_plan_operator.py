@@ -11,20 +11,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from weightsync.operator import constants as c
-from weightsync.operator.plan import (
-    Create,
-    Delete,
-    Observed,
-    ObservedPod,
-    Patch,
-    Plan,
-    WeightSyncObject,
-    observe_pod,
-    plan,
-)
+from weightsync.operator.decision import Create, Decision, Delete, Patch
+from weightsync.operator.observed import Observed, ObservedPod, WeightSyncObject, observe_pod
+from weightsync.operator.plan import plan
+
+from weightsync.contract import EPOCH_ANNOTATION, LAST_SYNC_ANNOTATION
 
 UID = "ws-uid"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -63,15 +58,15 @@ class Cluster:
             role_binding=self.others.get("RoleBinding"),
         )
 
-    def plan(self) -> Plan:
+    def plan(self) -> Decision:
         return plan(self.ws(), self.observed(), self.now, TOKEN)
 
-    def record(self, p: Plan) -> None:
+    def record(self, p: Decision) -> None:
         """The executor's first step: write the status."""
         self.status = p.status
         self.events += [f"{e.reason}: {e.message}" for e in p.events]
 
-    def act(self, p: Plan) -> None:
+    def act(self, p: Decision) -> None:
         for a in p.actions:
             if isinstance(a, Create):
                 kind = a.obj["kind"]
@@ -79,8 +74,9 @@ class Cluster:
                     name = a.obj["metadata"]["name"]
                     assert name not in self.pods, f"duplicate create of {name}"
                     self.pods[name] = observe_pod({**a.obj, "status": {"phase": "Pending"}}, UID)
-                else:
-                    self.others[kind] = a.obj
+                else:  # the API server gives every object a uid
+                    uid = f"{kind}-uid-{len(self.events)}"
+                    self.others[kind] = {**a.obj, "metadata": {**a.obj["metadata"], "uid": uid}}
             elif isinstance(a, Patch) and a.kind == "Pod":
                 pod = self.pods[a.name]
                 annotations = {**pod.annotations, **a.patch["metadata"]["annotations"]}
@@ -88,7 +84,7 @@ class Cluster:
             elif isinstance(a, Delete):
                 del self.pods[a.name]
 
-    def step(self) -> Plan:
+    def step(self) -> Decision:
         p = self.plan()
         self.record(p)
         self.act(p)
@@ -98,7 +94,7 @@ class Cluster:
         for name, pod in self.pods.items():
             self.pods[name] = replace(pod, phase=phase, ready=ready)
 
-    def converge(self) -> Plan:
+    def converge(self) -> Decision:
         for _ in range(10):
             p = self.step()
             self.run_all()
@@ -118,11 +114,18 @@ def ready_cluster(**kw: Any) -> Cluster:
     return cl
 
 
-def test_fresh_object_creates_every_child_once() -> None:
+def test_fresh_object_creates_the_shared_children_then_every_member_once() -> None:
     cl = Cluster(spec(replicas=3, workers=2))
-    p = cl.plan()
+    p = cl.step()
     kinds = [a.obj["kind"] for a in p.actions if isinstance(a, Create)]
-    assert kinds == ["Service", "Secret", "Role", "RoleBinding", "Pod", "Pod", "Pod", "Pod"]
+    assert kinds == ["Service", "Secret", "Role", "RoleBinding"]
+    assert p.requeue_after == 0.0, "members follow at once, made with the new Secret's uid"
+    assert p.status["phase"] == "Pending"
+    p = cl.plan()
+    created = [a.obj for a in p.actions if isinstance(a, Create)]
+    assert [o["kind"] for o in created] == ["Pod"] * 4
+    secret_uid = cl.others["Secret"]["metadata"]["uid"]
+    assert {o["metadata"]["annotations"][c.TOKEN_SECRET_UID] for o in created} == {secret_uid}
     assert p.status["phase"] == "Pending"
     assert p.status["epoch"] == 0
     assert p.status["worldSize"] == 7
@@ -138,9 +141,12 @@ def test_steady_state_is_a_fixed_point() -> None:
     assert p.status == cl.status
     assert cl.status["ready"] == "3/3"
     assert cl.status["members"] == [
-        {"pod": "ws-trainer-0", "role": "trainer", "rankOffset": 0, "localWorldSize": 1, "ready": True},
-        {"pod": "ws-inference-0", "role": "inference", "rankOffset": 1, "localWorldSize": 1, "ready": True},
-        {"pod": "ws-inference-1", "role": "inference", "rankOffset": 2, "localWorldSize": 1, "ready": True},
+        {"pod": "ws-trainer-0", "role": "trainer", "rankOffset": 0, "localWorldSize": 1, "ready": True,
+         "upToDate": True},
+        {"pod": "ws-inference-0", "role": "inference", "rankOffset": 1, "localWorldSize": 1, "ready": True,
+         "upToDate": True},
+        {"pod": "ws-inference-1", "role": "inference", "rankOffset": 2, "localWorldSize": 1, "ready": True,
+         "upToDate": True},
     ]
     assert conditions(cl.status) == {
         "Ready": ("True", c.REASON_READY),
@@ -152,7 +158,8 @@ def test_steady_state_is_a_fixed_point() -> None:
 
 def test_forming_when_running_but_not_ready() -> None:
     cl = Cluster(spec())
-    cl.step()
+    cl.step()  # the shared children
+    cl.step()  # the members
     cl.run_all(ready=False)
     p = cl.step()
     assert p.status["phase"] == "Forming"
@@ -171,7 +178,7 @@ def test_failed_member_bumps_epoch_once_even_across_a_crash() -> None:
     assert [a.name for a in p.actions if isinstance(a, Delete)] == ["ws-inference-1"]
     patched = {a.name: a.patch for a in p.actions if isinstance(a, Patch)}
     assert set(patched) == {"ws-trainer-0", "ws-inference-0"}
-    assert patched["ws-inference-0"]["metadata"]["annotations"] == {c.EPOCH: "1"}
+    assert patched["ws-inference-0"]["metadata"]["annotations"] == {EPOCH_ANNOTATION: "1"}
     assert any("exit 3" in e.message for e in p.events)
 
     cl.record(p)  # the operator dies here: decision recorded, nothing done
@@ -182,13 +189,13 @@ def test_failed_member_bumps_epoch_once_even_across_a_crash() -> None:
     third = cl.step()  # the failed pod is gone: re-create it at the new epoch
     created = [a.obj for a in third.actions if isinstance(a, Create)]
     assert [o["metadata"]["name"] for o in created] == ["ws-inference-1"]
-    assert created[0]["metadata"]["annotations"][c.EPOCH] == "1"
+    assert created[0]["metadata"]["annotations"][EPOCH_ANNOTATION] == "1"
     cl.run_all()
     final = cl.converge()
     assert final.status["phase"] == "Ready"
     assert final.status["epoch"] == 1 and final.status["restarts"] == 1
     assert conditions(final.status)["Degraded"] == ("False", c.REASON_RECOVERED)
-    assert {p.annotations[c.EPOCH] for p in cl.pods.values()} == {"1"}
+    assert {p.annotations[EPOCH_ANNOTATION] for p in cl.pods.values()} == {"1"}
 
 
 def test_vanished_member_bumps_epoch_and_is_recreated_once() -> None:
@@ -308,12 +315,12 @@ def test_last_sync_is_copied_from_the_trainer_annotation() -> None:
               "time": "2026-01-01T00:00:00Z", "acked": [1, 2], "epoch": 0}  # fmt: skip
     trainer = cl.pods["ws-trainer-0"]
     cl.pods["ws-trainer-0"] = replace(
-        trainer, annotations={**trainer.annotations, c.LAST_SYNC: json.dumps(report)}
+        trainer, annotations={**trainer.annotations, LAST_SYNC_ANNOTATION: json.dumps(report)}
     )
     p = cl.step()
     assert p.status["lastSync"] == {k: v for k, v in report.items() if k != "acked"}
     assert p.actions == []
-    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, c.LAST_SYNC: "not json"})
+    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, LAST_SYNC_ANNOTATION: "not json"})
     p = cl.step()
     assert p.status["lastSync"]["version"] == 7, "a bad report keeps the last good one"
     assert [e.reason for e in p.events] == [c.REASON_INVALID_REPORT]
@@ -321,10 +328,10 @@ def test_last_sync_is_copied_from_the_trainer_annotation() -> None:
 
 def annotate_trainer(cl: Cluster, raw: str) -> None:
     trainer = cl.pods["ws-trainer-0"]
-    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, c.LAST_SYNC: raw})
+    cl.pods["ws-trainer-0"] = replace(trainer, annotations={**trainer.annotations, LAST_SYNC_ANNOTATION: raw})
 
 
-def invalid_reports(p: Plan) -> list[str]:
+def invalid_reports(p: Decision) -> list[str]:
     return [e.message for e in p.events if e.reason == c.REASON_INVALID_REPORT]
 
 
@@ -435,7 +442,7 @@ def test_observe_pod_reads_readiness_and_exit_codes() -> None:
             "metadata": {
                 "name": "p",
                 "uid": "u",
-                "annotations": {c.EPOCH: "4"},
+                "annotations": {EPOCH_ANNOTATION: "4"},
                 "ownerReferences": [{"uid": UID, "controller": True}],
             },
             "status": {
@@ -496,4 +503,168 @@ def test_any_history_converges_and_counts_each_failure_once(history: list[Step])
     # a failed member that a scale-down removes is not re-created, so it is not a restart
     assert final.status["restarts"] == injected if not shrunk else final.status["restarts"] <= injected
     epoch = str(final.status["epoch"])
-    assert {p.annotations[c.EPOCH] for p in cl.pods.values()} == {epoch}
+    assert {p.annotations[EPOCH_ANNOTATION] for p in cl.pods.values()} == {epoch}
+
+
+# --- children we did not make, the token, templates, the API server's refusals ----------------------------
+
+
+def foreign(obj: dict[str, Any], owner: str = "someone-else") -> dict[str, Any]:
+    refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": "other", "controller": True}]
+    return {**obj, "metadata": {**obj["metadata"], "ownerReferences": refs}}
+
+
+def ready_reason(status: dict[str, Any]) -> tuple[str, str]:
+    ready = next(x for x in status["conditions"] if x["type"] == "Ready")
+    return ready["reason"], ready["message"]
+
+
+@pytest.mark.parametrize("kind", ["Service", "Secret", "Role", "RoleBinding"])
+def test_a_shared_child_we_did_not_make_is_never_adopted_and_holds_the_members(kind: str) -> None:
+    cl = Cluster(spec())
+    cl.step()
+    cl.others[kind] = foreign(cl.others[kind], owner="theirs")
+    cl.others[kind] = {**cl.others[kind], "spec": {"clusterIP": "10.0.0.9"}} if kind == "Service" else cl.others[kind]
+    p = cl.step()
+    assert not [a for a in p.actions if isinstance(a, Create) and a.kind == "Pod"], "no member while it stands"
+    assert not [a for a in p.actions if getattr(a, "name", "") == cl.others[kind]["metadata"]["name"]
+                and not isinstance(a, Create)], "never patched or deleted"
+    reason, message = ready_reason(p.status)
+    assert reason == c.REASON_FOREIGN_CHILD and p.status["phase"] == "Pending"
+    assert f"{kind} {cl.others[kind]['metadata']['name']} exists and is not this WeightSync's" in message
+    assert "ConfigMap/theirs" in message
+    assert [e.reason for e in p.events] == [c.REASON_FOREIGN_CHILD]
+    assert cl.step().events == [], "announced once"
+    # the user deletes it: it is re-created as ours and the members follow
+    del cl.others[kind]
+    assert cl.converge().status["phase"] == "Ready"
+
+
+def test_a_replaced_token_secret_rolls_the_members_that_hold_the_old_token() -> None:
+    cl = ready_cluster()
+    old_uid = cl.others["Secret"]["metadata"]["uid"]
+    del cl.others["Secret"]
+    p = cl.step()
+    (create,) = [a for a in p.actions if isinstance(a, Create)]
+    assert create.obj["kind"] == "Secret" and create.event is not None
+    assert create.event.reason == c.REASON_TOKEN_RECREATED
+    assert p.status["phase"] != "Ready", "members hold a token the group no longer has"
+    new_uid = cl.others["Secret"]["metadata"]["uid"]
+    assert new_uid != old_uid
+    members = sorted(cl.pods)
+    p = cl.step()
+    assert sorted(a.name for a in p.actions if isinstance(a, Delete)) == members
+    assert p.status["epoch"] == 1 and p.status["restarts"] == 0, "a roll, not a failure"
+    assert all(e.reason != c.REASON_MEMBER_LOST for e in p.events)
+    final = cl.converge()
+    assert final.status["phase"] == "Ready" and final.status["restarts"] == 0 and final.status["epoch"] == 1
+    assert {pod.annotations[c.TOKEN_SECRET_UID] for pod in cl.pods.values()} == {new_uid}
+
+
+def change_inference_template(cl: Cluster, image: str) -> None:
+    cl.spec["inference"]["template"] = {"spec": {"containers": [{"name": "main", "image": image}]}}
+    cl.generation += 1
+
+
+def test_on_delete_a_changed_template_waits_and_a_deleted_stale_member_is_a_change() -> None:
+    cl = ready_cluster(replicas=2, failurePolicy={"backoffSeconds": 30, "maxRestarts": 0})
+    change_inference_template(cl, "engine:v2")
+    p = cl.step()
+    assert not [a for a in p.actions if isinstance(a, Delete)], "OnDelete: nothing is killed"
+    assert p.status["phase"] == "Ready"
+    _, message = ready_reason(p.status)
+    assert "ws-inference-0, ws-inference-1 made from an older pod template" in message
+    assert [m["upToDate"] for m in p.status["members"]] == [True, False, False]
+    del cl.pods["ws-inference-0"]  # the user rolls one
+    p = cl.step()
+    assert p.status["restarts"] == 0 and p.status["epoch"] == 1 and p.status["phase"] != "Failed"
+    created = [a.obj for a in p.actions if isinstance(a, Create)]
+    assert [o["metadata"]["name"] for o in created] == ["ws-inference-0"], "no backoff for a change"
+    assert [e.reason for e in p.events if e.reason == c.REASON_REPLACED] == [c.REASON_REPLACED]
+    assert created[0]["spec"]["containers"][0]["image"] == "engine:v2"
+
+
+def test_replace_strategy_rolls_every_stale_member_at_once_for_one_epoch() -> None:
+    cl = ready_cluster(replicas=2, failurePolicy={"maxRestarts": 0})
+    cl.spec["updateStrategy"] = {"type": "Replace"}
+    change_inference_template(cl, "engine:v2")
+    p = cl.step()
+    assert sorted(a.name for a in p.actions if isinstance(a, Delete)) == ["ws-inference-0", "ws-inference-1"]
+    assert p.status["epoch"] == 1 and p.status["restarts"] == 0
+    final = cl.converge()
+    assert final.status["phase"] == "Ready" and final.status["epoch"] == 1 and final.status["restarts"] == 0
+
+
+@pytest.mark.parametrize("kind", ["Service", "Role", "RoleBinding"])
+def test_recreating_a_shared_child_does_not_flap_a_ready_group(kind: str) -> None:
+    cl = ready_cluster()
+    del cl.others[kind]
+    p = cl.step()
+    assert [a.obj["kind"] for a in p.actions if isinstance(a, Create)] == [kind]
+    assert p.status["phase"] == "Ready" and p.events == []
+
+
+def rejection(code: int, kind: str = "Pod", name: str = "ws-inference-0") -> Any:
+    from weightsync.operator.observed import Rejection
+
+    return Rejection(kind, name, code, "Invalid" if code == 422 else "Forbidden",
+                     'Pod "ws-inference-0" is invalid: spec.containers[0].image: Required value')
+
+
+def test_a_child_the_api_server_calls_invalid_fails_the_group_and_creates_nothing() -> None:
+    cl = Cluster(spec())
+    cl.step()
+    p = plan(cl.ws(), replace(cl.observed(), rejections=(rejection(422),)), cl.now, TOKEN)
+    assert p.actions == [] and p.status["phase"] == "Failed"
+    failed = next(x for x in p.status["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == c.REASON_INVALID_CHILD
+    assert "spec.containers[0].image: Required value" in failed["message"]
+    assert [e.reason for e in p.events] == [c.REASON_INVALID_CHILD]
+    cl.record(p)
+    again = plan(cl.ws(), replace(cl.observed(), rejections=(rejection(422),)), cl.now, TOKEN)
+    assert again.events == [], "announced once"
+
+
+def test_a_child_refused_for_now_holds_every_member_and_says_why() -> None:
+    cl = Cluster(spec())
+    cl.step()
+    p = plan(cl.ws(), replace(cl.observed(), rejections=(rejection(403),)), cl.now, TOKEN)
+    assert not [a for a in p.actions if isinstance(a, Create)], "not even the members the server accepts"
+    assert p.status["phase"] == "Pending"
+    reason, message = ready_reason(p.status)
+    assert reason == c.REASON_CHILD_REJECTED and "spec.containers[0].image" in message
+    assert conditions(p.status)["Progressing"] == ("False", c.REASON_CHILD_REJECTED)
+    assert [e.reason for e in p.events] == [c.REASON_CHILD_REJECTED]
+
+
+def test_an_unschedulable_member_shows_in_the_ready_condition() -> None:
+    cl = Cluster(spec())
+    cl.converge()
+    pod = cl.pods["ws-inference-1"]
+    cl.pods["ws-inference-1"] = replace(pod, phase="Pending", ready=False,
+                                        waiting="Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu")
+    p = cl.step()
+    reason, message = ready_reason(p.status)
+    assert reason == c.REASON_WAITING
+    assert "ws-inference-1 cannot start: Unschedulable: 0/1 nodes are available" in message
+    assert [e.reason for e in p.events] == [c.REASON_WAITING]
+    assert cl.step().events == []
+
+
+def test_observe_pod_reads_why_a_pod_cannot_start() -> None:
+    unschedulable = observe_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}}, UID)
+    assert unschedulable.waiting == "Unschedulable: 0/1 nodes"
+    config = observe_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "main", "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                               "message": 'secret "x" not found'}}}]}}, UID)
+    assert config.waiting == 'container main: CreateContainerConfigError: secret "x" not found'
+    starting = observe_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "main", "state": {"waiting": {"reason": "ContainerCreating"}}}]}}, UID)
+    assert starting.waiting == ""
+
+
+def test_members_waiting_for_the_secret_are_dry_run_with_it() -> None:
+    p = Cluster(spec(replicas=2)).plan()
+    assert [a.kind for a in p.actions if isinstance(a, Create)] == ["Service", "Secret", "Role", "RoleBinding"]
+    assert sorted(x.name for x in p.probes) == ["ws-inference-0", "ws-inference-1", "ws-trainer-0"]

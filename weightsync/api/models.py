@@ -392,6 +392,21 @@ class FailurePolicy(_Model):
         return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** min(restarts - 1, 32)))
 
 
+UpdateStrategyType = Literal["OnDelete", "Replace"]
+
+
+class UpdateStrategy(_Model):
+    """How members made from an older pod template are brought up to date."""
+
+    type: UpdateStrategyType = Field(
+        default="OnDelete",
+        description="OnDelete (the default): a member is re-created from the current template only when its pod "
+        "is deleted; deleting a member that is out of date is a change, not a failure (no restart budget, "
+        "no backoff). Replace: the operator replaces every out-of-date member itself, all at once, at the "
+        "cost of one epoch and no restart budget.",
+    )
+
+
 def _defaults(model: type[_Model]) -> dict[str, Any]:
     """The whole default of an optional section (the API server checks an object default against its CEL
     rules before defaulting inside it, so `{}` would not do)."""
@@ -435,6 +450,11 @@ class WeightSyncSpec(_Model):
         description="Bound and backoff of member restarts.",
         json_schema_extra={"default": _defaults(FailurePolicy)},
     )
+    update_strategy: UpdateStrategy = Field(
+        default_factory=UpdateStrategy,
+        description="How a changed pod template reaches members that exist.",
+        json_schema_extra={"default": _defaults(UpdateStrategy)},
+    )
 
     @property
     def world_size(self) -> int:
@@ -472,6 +492,11 @@ class Member(_StatusModel):
     rank_offset: int = Field(description="Group rank of the pod's first worker.")
     local_world_size: int = Field(description="Ranks (workers) in the pod.")
     ready: bool = Field(description="The pod is Ready.")
+    up_to_date: bool | None = Field(
+        default=None,
+        description="The pod was made from the current template (see spec.updateStrategy); deleting a member "
+        "that is not up to date is a change, not a failure.",
+    )
 
 
 #: Bounds of the trainer's report (the pod annotation weightsync.dev/last-sync, which the trainer writes and
