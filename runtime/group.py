@@ -67,8 +67,8 @@ class SyncGroup:
             raise ValueError(f"local_rank {local_rank} is outside this pod's "
                              f"WEIGHTSYNC_LOCAL_WORLD_SIZE={env.local_world_size}")
         if env.protocol != "weightsync":
-            raise ValueError(f"WEIGHTSYNC_PROTOCOL={env.protocol!r} is not implemented by this runtime yet; "
-                             "use 'weightsync'")
+            raise ValueError(f"SyncGroup forms groups of the weightsync protocol; WEIGHTSYNC_PROTOCOL="
+                             f"{env.protocol!r} is driven by WeightSender (runtime/vllm_sender.py)")
         self.env = env
         self.settings = settings or RuntimeSettings()
         self.rank = env.rank_offset + local_rank

@@ -42,3 +42,17 @@ def group_envs(replicas: int, workers_per_replica: int, *, backend: str = "gloo"
         envs.append(MemberEnv(role="inference", rank_offset=1 + r * workers_per_replica,
                               local_world_size=workers_per_replica, **common))
     return envs
+
+
+def vllm_trainer_env(engine_urls: list[str] | tuple[str, ...], workers_per_server: int, *, backend: str = "gloo",
+                     port: int | None = None, timeout: float = 30.0, **overrides: Any) -> MemberEnv:
+    """The contract of a trainer driving vLLM servers at `engine_urls` (protocol `vllm`), all on this
+    machine: world size 1 + servers x `workers_per_server`, the TCP store (gloo, or NCCL's TCP-store form)
+    on a free local port."""
+    fields: dict[str, Any] = {
+        "role": "trainer", "rank_offset": 0, "local_world_size": 1, "name": "local", "namespace": "default",
+        "master_addr": "127.0.0.1", "master_port": port or free_port(), "protocol": "vllm", "backend": backend,
+        "world_size": 1 + len(engine_urls) * workers_per_server, "token": secrets.token_hex(16),
+        "timeout_seconds": timeout, "engine_urls": tuple(engine_urls),
+        "annotations_file": "/nonexistent/weightsync-annotations"}
+    return MemberEnv(**{**fields, **overrides})

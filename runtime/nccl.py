@@ -25,6 +25,8 @@ from weightsync.runtime.settings import NcclTuning
 NCCL_UNIQUE_ID_BYTES = 128
 _IN_PROGRESS = 7
 _UINT8 = 1
+_FLOAT32 = 7
+_SUM = 0
 _UNDEF_INT = -(2**31)
 _API_MAGIC = 0xCAFEBEEF
 _CONFIG_VERSION = 21700  # the ncclConfig_t layout below is NCCL 2.17's; newer NCCL fills later fields
@@ -70,6 +72,8 @@ class _Lib:
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, _UniqueId, ctypes.c_int, ctypes.POINTER(_Config)]
         lib.ncclBroadcast.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ncclAllReduce.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.ncclCommGetAsyncError.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
         lib.ncclCommAbort.argtypes = [ctypes.c_void_p]
         lib.ncclCommDestroy.argtypes = [ctypes.c_void_p]
@@ -98,6 +102,13 @@ def library() -> _Lib:
     if _lib is None:
         _lib = _Lib()
     return _lib
+
+
+#: ncclDataType_t of the torch dtypes a collective can carry as themselves (`broadcast_typed`).
+NCCL_DTYPES: dict[torch.dtype, int] = {
+    torch.int8: 0, torch.uint8: 1, torch.int32: 2, torch.int64: 4, torch.float16: 6, torch.float32: 7,
+    torch.float64: 8, torch.bfloat16: 9, torch.float8_e4m3fn: 10,
+}
 
 
 def new_unique_id() -> bytes:
@@ -191,6 +202,32 @@ class NcclCommunicator:
         self.nccl.check(code, "ncclBroadcast", self.comm)
         if code == _IN_PROGRESS and self._group_depth() == 0:
             self._settle("ncclBroadcast", lambda: None)
+
+    def broadcast_typed(self, tensor: torch.Tensor, root: int) -> None:
+        """Broadcast as the tensor's own NCCL datatype and element count (0 elements too), as a peer that
+        posts a typed receive expects (vLLM's workers)."""
+        datatype = NCCL_DTYPES.get(tensor.dtype)
+        if datatype is None:
+            raise TransportError(f"NCCL has no datatype for {tensor.dtype}")
+        self._keep.append(tensor)
+        code = self.nccl.lib.ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), datatype, root,
+                                           self.comm, self.comm_stream.cuda_stream)
+        self.nccl.check(code, "ncclBroadcast", self.comm)
+        if code == _IN_PROGRESS and self._group_depth() == 0:
+            self._settle("ncclBroadcast", lambda: None)
+
+    def all_reduce_one(self, check: Check) -> None:
+        """One float32 element summed over every rank, waited for (bounded by `check`): the warm-up a
+        vLLM worker runs right after joining, before any other collective."""
+        with torch.cuda.stream(self.comm_stream):
+            value = torch.zeros(1, dtype=torch.float32, device=self.device)
+        code = self.nccl.lib.ncclAllReduce(value.data_ptr(), value.data_ptr(), 1, _FLOAT32, _SUM, self.comm,
+                                           self.comm_stream.cuda_stream)
+        self.nccl.check(code, "ncclAllReduce", self.comm)
+        if code == _IN_PROGRESS:
+            self._settle("ncclAllReduce", check)
+        self._keep.append(value)
+        self.finish(check)
 
     def comm_fence(self) -> Fence:
         event = _new_event()

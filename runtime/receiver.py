@@ -71,6 +71,10 @@ class WeightReceiver(GroupMember):
                  settings: RuntimeSettings | None = None) -> None:
         if env.role != "inference":
             raise ValueError(f"WeightReceiver runs in inference pods; WEIGHTSYNC_ROLE is {env.role!r}")
+        if env.protocol != "weightsync":
+            raise ValueError(f"WeightReceiver speaks the weightsync protocol; with WEIGHTSYNC_PROTOCOL="
+                             f"{env.protocol!r} the inference pods run stock {env.protocol} servers, which the "
+                             "trainer's WeightSender drives over HTTP: there is no weightsync receiver there")
         self.env = env
         self.settings = settings or RuntimeSettings()
         self.group = SyncGroup(env, local_rank, device, self.settings)

@@ -6,7 +6,7 @@ import logging
 import operator
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from weightsync.runtime.group import GroupMember, SyncGroup
@@ -26,8 +26,18 @@ _LAYOUT = operator.attrgetter("layout")
 _DENSE = {torch.strided}
 
 
+class EngineSender(Protocol):
+    """The trainer's side of an engine protocol (`vllm`): it drives stock inference servers itself."""
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport: ...
+    def close(self) -> None: ...
+
+
 class WeightSender(GroupMember):
     """Rank 0 of a sync group: broadcasts named tensors to every inference worker.
+
+    With `WEIGHTSYNC_PROTOCOL=vllm` the inference members are stock vLLM servers, which this sender drives
+    through their HTTP control plane and wire (runtime/vllm_sender.py); `send` is the same call.
 
     `settings`: this process's own choices (RuntimeSettings: liveness threshold, direct tensors, copy kernel,
     NCCL tuning); `report_to_pod`: post each report onto the trainer's pod (default: when running in one).
@@ -38,8 +48,14 @@ class WeightSender(GroupMember):
         if env.role != "trainer":
             raise ValueError(f"WeightSender runs in the trainer; WEIGHTSYNC_ROLE is {env.role!r}")
         self.settings = settings or RuntimeSettings()
-        self.group = SyncGroup(env, 0, device, self.settings)
         self.env = env
+        self._engine: EngineSender | None = None
+        if env.protocol == "vllm":
+            from weightsync.runtime.vllm_sender import VllmSender
+
+            self._engine = VllmSender(env, device=device, settings=self.settings)
+        else:
+            self.group = SyncGroup(env, 0, device, self.settings)
         threshold = self.settings.direct_threshold
         self.direct_threshold = threshold if threshold is not None else env.buffer_bytes
         self.buffers = Buffers(self.settings.copy_programs)
@@ -94,9 +110,24 @@ class WeightSender(GroupMember):
         return specs, tensors
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
-        """Broadcast every tensor to every receiver; returns once all of them acknowledged."""
+        """Broadcast every tensor to every receiver; returns once all of them acknowledged (protocol `vllm`:
+        once every engine reports holding `version`)."""
         with gc_paused():
-            return self._send(named_tensors, version)
+            if self._engine is None:
+                return self._send(named_tensors, version)
+            report = self._engine.send(named_tensors, version)
+        log.info(report.summary())
+        self.last_report = report
+        if self._annotator is not None:
+            self._annotator.post(report)
+        return report
+
+    def close(self) -> None:
+        """Leave the group (protocol `vllm`: shut the engines' transfer engines down) and free the buffers."""
+        if self._engine is not None:
+            self._engine.close()
+            return
+        super().close()
 
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
         started = time.perf_counter()
