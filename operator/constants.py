@@ -41,6 +41,8 @@ TOKEN_KEY = "token"
 TOKEN_ENV = "WEIGHTSYNC_TOKEN"
 #: Name of the Service port (the rendezvous store on the trainer).
 RENDEZVOUS_PORT_NAME = "rendezvous"
+#: Name of the Service port of the engines' HTTP API (protocol vllm).
+ENGINE_PORT_NAME = "engine"
 
 # --- event reasons ----------------------------------------------------------------------------------------
 REASON_CREATED = "Created"  # a child was created (or re-created after drift)
@@ -52,6 +54,7 @@ REASON_MEMBER_LOST = "MemberLost"  # a member pod vanished or is being deleted
 REASON_SCALED = "Scaled"  # spec.inference.replicas changed
 REASON_EPOCH_PROPAGATED = "EpochPropagated"  # survivors' annotations patched to the new epoch
 REASON_RESERVED_ENV = "ReservedEnv"  # a template sets a WEIGHTSYNC_* (or network-owned NCCL_*) variable
+REASON_ENGINE_CONFIG = "EngineMisconfigured"  # protocol vllm: the engine template lacks what vLLM needs
 REASON_MAX_RESTARTS = "MaxRestartsExceeded"  # failurePolicy.maxRestarts exceeded: Failed
 REASON_BACKOFF = "BackingOff"  # waiting before re-creating lost members
 REASON_READY = "GroupReady"  # every member Ready at the current epoch

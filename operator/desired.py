@@ -35,7 +35,7 @@ from weightsync.contract import (
 )
 
 from . import constants as c
-from . import names
+from . import engines, names
 
 Obj = dict[str, Any]
 
@@ -116,7 +116,6 @@ def _meta(group: Group, name: str, role: str | None = None, replica: int | None 
 
 def service(group: Group) -> Obj:
     """Headless, publishing not-ready addresses: the trainer's name resolves before it is Ready."""
-    port = group.spec.rendezvous.port
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -125,9 +124,19 @@ def service(group: Group) -> Obj:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {c.NAME_LABEL: group.name},
-            "ports": [{"name": c.RENDEZVOUS_PORT_NAME, "port": port, "targetPort": port, "protocol": "TCP"}],
+            "ports": service_ports(group.spec),
         },
     }
+
+
+def service_ports(spec: WeightSyncSpec) -> list[Obj]:
+    """The rendezvous port, and with protocol vllm the engines' HTTP port."""
+    port = spec.rendezvous.port
+    out: list[Obj] = [{"name": c.RENDEZVOUS_PORT_NAME, "port": port, "targetPort": port, "protocol": "TCP"}]
+    if spec.transport.protocol == "vllm" and spec.engine.port != port:
+        engine = spec.engine.port
+        out.append({"name": c.ENGINE_PORT_NAME, "port": engine, "targetPort": engine, "protocol": "TCP"})
+    return out
 
 
 def secret(group: Group, token: str) -> Obj:
@@ -205,6 +214,9 @@ def member_env(group: Group, slot: Slot) -> MemberEnv:
         epoch=group.epoch,
         checksums=spec.transport.checksums,
         endpoints=tuple(endpoints(group)) if slot.role == "trainer" else (),
+        engine_port=spec.engine.port,
+        vllm_pause_mode=spec.engine.pause_mode,
+        vllm_rendezvous=spec.engine.rendezvous,
     )
 
 
@@ -274,6 +286,8 @@ def pod(group: Group, slot: Slot) -> Obj:
             *(container.get("volumeMounts") or []),
             {"name": c.PODINFO_VOLUME, "mountPath": PODINFO_MOUNT_PATH, "readOnly": True},
         ]
+    if slot.role == "inference" and group.spec.transport.protocol == "vllm":
+        engines.add_engine_wiring(spec["containers"][0], group.spec)
     _add_rdma(spec["containers"], group.spec.network.rdma_resource, group.spec.network.rdma_count)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 

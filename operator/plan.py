@@ -26,7 +26,7 @@ from datetime import datetime
 from weightsync.api.models import WeightSyncSpec, WeightSyncStatus
 
 from . import constants as c
-from . import desired, names
+from . import desired, engines, names
 from .decision import Create, Decision, Event
 from .members import MemberPlan, member_actions
 from .membership import membership
@@ -45,6 +45,9 @@ def refusal(spec: WeightSyncSpec, observed: Observed) -> tuple[str, str] | None:
     conflicts = desired.env_conflicts(spec)
     if conflicts:
         return c.REASON_RESERVED_ENV, "refusing to create anything: " + "; ".join(conflicts)
+    engine = engines.vllm_problems(spec)
+    if engine:
+        return c.REASON_ENGINE_CONFIG, "refusing to create anything: " + "; ".join(engine)
     invalid = [r for r in observed.rejections if r.permanent]
     if invalid:
         text = "; ".join(r.describe() for r in invalid)

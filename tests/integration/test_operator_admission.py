@@ -76,11 +76,10 @@ BAD = [
     ("timeout-zero", edit(spec_set("rendezvous.timeoutSeconds", 0)), "spec.rendezvous.timeoutSeconds"),
     ("backend-unknown", edit(spec_set("transport.backend", "mpi")), "spec.transport.backend"),
     ("protocol-unknown", edit(spec_set("transport.protocol", "grpc")), "spec.transport.protocol"),
-    (
-        "vllm-needs-nccl",
-        edit(both(spec_set("transport.protocol", "vllm"), spec_set("transport.backend", "gloo"))),
-        "spec.transport.protocol 'vllm' needs spec.transport.backend 'nccl'",
-    ),
+    ("engine-port-out-of-range", edit(spec_set("engine.port", 0)), "spec.engine.port"),
+    ("engine-pause-mode-unknown", edit(spec_set("engine.pauseMode", "drain")), "spec.engine.pauseMode"),
+    ("engine-rendezvous-unknown", edit(spec_set("engine.rendezvous", "etcd")), "spec.engine.rendezvous"),
+    ("update-strategy-unknown", edit(spec_set("updateStrategy.type", "Rolling")), "spec.updateStrategy.type"),
     ("buffer-too-small", edit(spec_set("transport.bufferSizeBytes", 1024)), "spec.transport.bufferSizeBytes"),
     ("num-buffers-too-many", edit(spec_set("transport.numBuffers", 9)), "spec.transport.numBuffers"),
     ("nccl-env-not-nccl", edit(spec_set("network.ncclEnv", {"LD_PRELOAD": "x"})), "spec.network.ncclEnv"),
@@ -176,6 +175,7 @@ IMMUTABLE = [
     ("transport.numBuffers", 4, "spec.transport is immutable"),
     ("rendezvous.port", 30000, "spec.rendezvous is immutable"),
     ("network.hostNetwork", True, "spec.network is immutable"),
+    ("engine.port", 8001, "spec.engine is immutable"),
 ]
 
 

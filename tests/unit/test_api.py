@@ -160,9 +160,17 @@ def test_markdown_reference_lists_every_field() -> None:
 
 
 def test_type_level_and_field_level_rules_are_both_kept() -> None:
-    transport = root_schema()["properties"]["spec"]["properties"]["transport"]
-    rules = [r["rule"] for r in transport["x-kubernetes-validations"]]
-    assert rules == ["self.protocol != 'vllm' || self.backend == 'nccl'", "self == oldSelf"]
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [models.cel("self.a > 0", "a")]})
+        a: int = 1
+
+    class Outer(BaseModel):
+        inner: Inner = Field(default_factory=Inner, json_schema_extra=models.immutable("spec.inner"))
+
+    inner = crd.structural(Outer.model_json_schema())["properties"]["inner"]
+    assert [r["rule"] for r in inner["x-kubernetes-validations"]] == ["self.a > 0", "self == oldSelf"]
 
 
 # --- spec.network.rdmaResource: extended resource names only ---------------------------------------------

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: package directory -> its import name (setup's package-dir)
 PACKAGES = {"operator": "weightsync.operator", "runtime": "weightsync.runtime", "sandbox": "weightsync.sandbox",
             "weightsync": "weightsync"}  # fmt: skip
-PURE_OPERATOR = ("constants", "names", "observed", "decision", "shared", "membership", "members", "status", "plan",
-                 "desired", "sync_report", "timefmt", "rbac", "scheduler")  # fmt: skip
+PURE_OPERATOR = ("constants", "names", "engines", "observed", "decision", "shared", "membership", "members", "status",
+                 "plan", "desired", "sync_report", "timefmt", "rbac", "scheduler")  # fmt: skip
 CLIENTS = ("kopf", "kubernetes")
 OPERATOR_IO = ("weightsync.operator.kube", "weightsync.operator.handlers", "weightsync.operator.reconcile",
                "weightsync.operator.metrics", "weightsync.operator.__main__")  # fmt: skip

@@ -24,11 +24,14 @@ from pydantic.alias_generators import to_camel
 
 from weightsync.contract import (
     DEFAULT_BUFFER_BYTES,
+    DEFAULT_ENGINE_PORT,
     DEFAULT_NUM_BUFFERS,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT_SECONDS,
     Backend,
     Protocol,
+    VllmPauseMode,
+    VllmRendezvous,
 )
 
 GROUP = "weightsync.dev"
@@ -278,23 +281,12 @@ class RendezvousSpec(_Model):
 class TransportSpec(_Model):
     """How the weights move. Immutable: every member's environment carries it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.protocol != 'vllm' || self.backend == 'nccl'",
-                    "spec.transport.protocol 'vllm' needs spec.transport.backend 'nccl' "
-                    "(vLLM's weight-transfer engine speaks NCCL only)",
-                )
-            ]
-        }
-    )
-
     backend: Backend = Field(default="nccl", description="Communicator: `nccl` on GPUs, `gloo` on CPU.")
     protocol: Protocol = Field(
         default="weightsync",
-        description="Wire protocol: `weightsync` (native, with an in-band manifest) or `vllm` "
-        "(wire-compatible with vLLM's NCCL weight-transfer engine).",
+        description="Wire protocol: `weightsync` (native, with an in-band manifest) or `vllm` (the inference "
+        "pods are stock vLLM servers, driven over their HTTP API and vLLM's NCCL weight-transfer wire; see "
+        "spec.engine). Stock vLLM speaks NCCL only: `vllm` with `gloo` is for CPU stand-ins in tests.",
     )
     packed: bool = Field(
         default=True, description="Pack tensors into shared buffers instead of one per tensor."
@@ -392,6 +384,29 @@ class FailurePolicy(_Model):
         return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** min(restarts - 1, 32)))
 
 
+class EngineSpec(_Model):
+    """Protocol `vllm`: how the trainer reaches and drives the engine servers (vLLM's HTTP API)."""
+
+    port: int = Field(
+        default=DEFAULT_ENGINE_PORT,
+        ge=1,
+        le=65535,
+        description="HTTP port of every engine server (`vllm serve --port`, default 8000); the operator checks "
+        "the template's command against it, and points the readiness probe (`/health`) and the trainer at it.",
+    )
+    pause_mode: VllmPauseMode = Field(
+        default="keep",
+        description="How each engine pauses around a weight update (`POST /pause?mode=`): keep (requests wait), "
+        "wait (drain them first), abort (abort them).",
+    )
+    rendezvous: VllmRendezvous = Field(
+        default="unique-id",
+        description="How the engines join the trainer's NCCL communicator: unique-id (the NCCL id in the init "
+        "request; nothing is unpickled) or tcp-store (vLLM's TCP form: a torch TCPStore on the trainer holds "
+        "a pickled id that every engine unpickles; anyone reaching that port can write there).",
+    )
+
+
 UpdateStrategyType = Literal["OnDelete", "Replace"]
 
 
@@ -444,6 +459,11 @@ class WeightSyncSpec(_Model):
         default_factory=NetworkSpec,
         description="hostNetwork, NCCL environment and RDMA devices. Immutable.",
         json_schema_extra={"default": _defaults(NetworkSpec), **immutable("spec.network")},
+    )
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec,
+        description="Protocol `vllm`: the engine servers' port, pause mode and rendezvous form. Immutable.",
+        json_schema_extra={"default": _defaults(EngineSpec), **immutable("spec.engine")},
     )
     failure_policy: FailurePolicy = Field(
         default_factory=FailurePolicy,
