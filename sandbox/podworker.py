@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import containers, network, podstatus, procs, volumes
+from weightsync.sandbox import containers, hostsfile, network, podstatus, procs, volumes
 from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
@@ -202,7 +202,6 @@ class PodWorker(threading.Thread):
             etc = self.dir / "etc"
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(resolv_conf(pod["metadata"]["namespace"]))
-            (etc / "hosts").touch()
             self._write_hosts(pod)
             volumes.sync_volumes(self.ctx.client, pod, self.vols, full=True)
             self.next_full_sync = time.monotonic() + FULL_VOLUME_SYNC_S
@@ -222,8 +221,7 @@ class PodWorker(threading.Thread):
         if self.host_network:  # the node's own names too, as a hostNetwork pod sees them on a real node
             text += "# the node's /etc/hosts\n" + Path("/etc/hosts").read_text(errors="replace")
         if text != self.hosts_text:
-            with open(self.dir / "etc" / "hosts", "w") as f:  # in place: the bind mount follows the inode
-                f.write(text)
+            hostsfile.rewrite(self.dir / "etc" / "hosts", text)  # in place, never empty: see hostsfile.py
             self.hosts_text = text
 
     def _teardown(self) -> None:
