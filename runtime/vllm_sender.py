@@ -182,11 +182,10 @@ class VllmSender:
                 if future.done() and future.exception() is not None:
                     raise future.exception()  # type: ignore[misc]
             if time.monotonic() >= deadline:
-                waiting = [e for e, f in updates if not f.done()]
-                ranks = tuple(r for e in waiting for r in e.ranks)
-                raise PeerLostError(f"sync v{version}: the broadcasts did not complete within {self.timeout:g}s"
-                                    + (f"; update_weights has not answered on {', '.join(e.url for e in waiting)}"
-                                       if waiting else ""), ranks=ranks)
+                _raise_engine_failure(updates)  # an engine's own error names the culprit best
+                raise PeerLostError(f"sync v{version}: the broadcasts did not complete within {self.timeout:g}s "
+                                    "although every engine answered update_weights",
+                                    ranks=tuple(range(1, self.world_size)))
 
         check()  # an update refused at once (a bad update_info): not a byte into a dead session
         with torch.no_grad():
@@ -384,11 +383,10 @@ class VllmSender:
             while not done.wait(0.01):
                 _raise_failed(inits)
                 if time.monotonic() >= deadline:
-                    waiting = [e for e, f in inits if not f.done()]
-                    raise PeerLostError(
-                        f"the vLLM group did not form within {self.timeout:g}s"
-                        + (f"; init_weight_transfer_engine has not answered on {', '.join(e.url for e in waiting)}"
-                           if waiting else ""), ranks=tuple(r for e in waiting for r in e.ranks))
+                    _raise_engine_failure(inits)
+                    raise PeerLostError(f"the vLLM group did not form within {self.timeout:g}s although every "
+                                        "engine answered init_weight_transfer_engine",
+                                        ranks=tuple(range(1, self.world_size)))
         except BaseException:
             abandoned.set()
             raise
@@ -477,6 +475,21 @@ class VllmSender:
         self._store = None
         self._ring = []
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _raise_engine_failure(futures: Sequence[tuple[EngineClient, concurrent.futures.Future[Any]]],
+                          grace: float = 2.0) -> None:
+    """After a deadline: the engines' calls in flight end by their own bound at about the same time. Wait
+    for them (a little past it) and raise the most telling failure: an engine that gave no answer (stalled)
+    before one that answered with an error (it gave up waiting for the others)."""
+    concurrent.futures.wait([f for _, f in futures], timeout=grace)
+    errors = [f.exception() for _, f in futures if f.done() and f.exception() is not None]
+    errors.sort(key=lambda e: getattr(e, "status", None) is not None)
+    if errors:
+        first = errors[0]
+        for other in errors[1:]:
+            first.add_note(f"also: {other}")
+        raise first
 
 
 def _raise_failed(futures: Sequence[tuple[EngineClient, concurrent.futures.Future[Any]]]) -> None:

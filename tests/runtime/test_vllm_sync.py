@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from standins import StandIn
-from vllm_standin import sha256_of, unique_id_from_pickle
+from standins import StandIn, expected, model
+from vllm_standin import unique_id_from_pickle
 from weightsync.runtime import WeightReceiver, WeightSender
 from weightsync.runtime import vllm_wire as wire
 from weightsync.runtime.local import free_port, group_envs, vllm_trainer_env
@@ -36,34 +36,6 @@ def fresh(engine: StandIn) -> StandIn:
     engine.faults()
     engine.clear()
     return engine
-
-
-def model(version: int, *, extra: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """A small model of every dtype vLLM receives: 0-d, empty, non-contiguous and fp8 tensors among them."""
-    g = torch.Generator().manual_seed(version)
-    out: list[tuple[str, torch.Tensor]] = []
-    for layer in range(3):
-        p = f"model.layers.{layer}."
-        out += [
-            (p + "q_proj.weight", torch.randn(24, 16, generator=g).to(torch.bfloat16)),
-            (p + "o_proj.weight", torch.randn(16, 24, generator=g).t()),  # a transposed (non-contiguous) view
-            (p + "mlp.weight", torch.randn(5, 7, generator=g).to(torch.float8_e4m3fn)),  # 35 bytes: odd
-            (p + "mlp.weight_scale", torch.randn((), generator=g)),
-            (p + "norm.weight", torch.randn(16, generator=g).to(torch.float16)),
-            (p + "counts", torch.randint(-9, 9, (3,), generator=g)),
-            (p + "ids", torch.randint(0, 200, (7,), generator=g, dtype=torch.int32)),
-            (p + "bytes", torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8)),
-            (p + "signed", torch.randint(-100, 100, (4,), generator=g, dtype=torch.int8)),
-            (p + "double", torch.randn(2, generator=g, dtype=torch.float64)),
-            (p + "empty", torch.empty(0, 3)),
-        ]
-    if extra:
-        out.append(("lm_head.weight", torch.randn(40, 16, generator=g).to(torch.bfloat16)))
-    return out
-
-
-def expected(named: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
-    return {n: {"dtype": wire.dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha256_of(t)} for n, t in named}
 
 
 def bodies(server: StandIn, path: str) -> list[Any]:

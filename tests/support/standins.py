@@ -1,4 +1,5 @@
-"""Stand-in vLLM servers (tests/support/vllm_standin.py) as processes of a test, and what they recorded."""
+"""Stand-in vLLM servers (tests/support/vllm_standin.py) as processes of a test, what they recorded, and a small
+model to send them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import torch
+from vllm_standin import sha256_of
 
 STANDIN = Path(__file__).with_name("vllm_standin.py")
 
@@ -99,3 +103,31 @@ class StandIn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def model(version: int, *, extra: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """A small model of every dtype vLLM receives: 0-d, empty, non-contiguous and fp8 tensors among them."""
+    g = torch.Generator().manual_seed(version)
+    out: list[tuple[str, torch.Tensor]] = []
+    for layer in range(3):
+        p = f"model.layers.{layer}."
+        out += [
+            (p + "q_proj.weight", torch.randn(24, 16, generator=g).to(torch.bfloat16)),
+            (p + "o_proj.weight", torch.randn(16, 24, generator=g).t()),  # a transposed (non-contiguous) view
+            (p + "mlp.weight", torch.randn(5, 7, generator=g).to(torch.float8_e4m3fn)),  # 35 bytes: odd
+            (p + "mlp.weight_scale", torch.randn((), generator=g)),
+            (p + "norm.weight", torch.randn(16, generator=g).to(torch.float16)),
+            (p + "counts", torch.randint(-9, 9, (3,), generator=g)),
+            (p + "ids", torch.randint(0, 200, (7,), generator=g, dtype=torch.int32)),
+            (p + "bytes", torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8)),
+            (p + "signed", torch.randint(-100, 100, (4,), generator=g, dtype=torch.int8)),
+            (p + "double", torch.randn(2, generator=g, dtype=torch.float64)),
+            (p + "empty", torch.empty(0, 3)),
+        ]
+    if extra:
+        out.append(("lm_head.weight", torch.randn(40, 16, generator=g).to(torch.bfloat16)))
+    return out
+
+
+def expected(named: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    return {n: {"dtype": str(t.dtype).split('.')[-1], "shape": list(t.shape), "sha256": sha256_of(t)} for n, t in named}
