@@ -483,7 +483,7 @@ def _raise_engine_failure(futures: Sequence[tuple[EngineClient, concurrent.futur
     for them (a little past it) and raise the most telling failure: an engine that gave no answer (stalled)
     before one that answered with an error (it gave up waiting for the others)."""
     concurrent.futures.wait([f for _, f in futures], timeout=grace)
-    errors = [f.exception() for _, f in futures if f.done() and f.exception() is not None]
+    errors = [e for _, f in futures if f.done() and (e := f.exception()) is not None]
     errors.sort(key=lambda e: getattr(e, "status", None) is not None)
     if errors:
         first = errors[0]
