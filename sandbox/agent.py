@@ -4,6 +4,12 @@
 
 Threads: one watches this node's pods (field selector spec.nodeName), one watches Services (for the pods'
 hosts files), one posts node heartbeats and the Lease, and every pod has its own worker thread.
+
+Containers run under shims of their own (shim.py), not as the agent's children, so an agent that is killed
+and started again (the sandbox's supervisor does both) finds them running: its first pod listing adopts every
+pod whose network namespace (or, hostNetwork, directory) an earlier agent made, with the same address and the
+same container processes, and removes what is left of pods that are gone or ended. SIGTERM still stops every
+pod (`down`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class Agent:
         self.workers: dict[str, PodWorker] = {}
         self.used_ips: set[str] = set()
         self.generation = 0  # bumped on every change a hosts file depends on
+        self.swept = False  # what an earlier agent left: adopted or removed after the first pod listing
         self.ctx = AgentContext(
             client=self.client,
             node_name=self.node_name,
@@ -98,6 +105,19 @@ class Agent:
                     return address
         raise RuntimeError(f"no free pod address left in {self.net.network}")
 
+    def _address(self, netns: str) -> str:
+        """The pod's address: the one its network namespace has (an earlier agent made it), else a free one."""
+        existing = network.netns_address(netns) if Path(f"/run/netns/{netns}").exists() else None
+        if existing is None:
+            return self.allocate_ip()
+        with self.lock:
+            self.used_ips.add(existing)
+        return existing
+
+    def _pod_dir(self, pod: Obj) -> Path:
+        meta = pod["metadata"]
+        return self.ctx.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+
     def release_ip(self, address: str) -> None:
         with self.lock:
             self.used_ips.discard(address)
@@ -115,13 +135,16 @@ class Agent:
         if worker is not None:
             return  # finished: its final delete is on the way
         meta = pod["metadata"]
-        if meta.get("deletionTimestamp"):
+        netns = self.net.netns_name(uid)
+        host_network = bool(pod["spec"].get("hostNetwork"))
+        ran_here = Path(f"/run/netns/{netns}").exists() or (host_network and self._pod_dir(pod).is_dir())
+        if meta.get("deletionTimestamp") and not ran_here:
             self._final_delete(pod)
             return
-        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-            return
-        address = self.net.gateway if pod["spec"].get("hostNetwork") else self.allocate_ip()
-        worker = PodWorker(self.ctx, pod, address)
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"):
+            return  # ended (an earlier agent's leftovers of it are swept at start)
+        address = self.net.gateway if host_network else self._address(netns)
+        worker = PodWorker(self.ctx, pod, address)  # adopts what an earlier agent left running
         with self.lock:
             self.workers[uid] = worker
             self.generation += 1
@@ -172,8 +195,15 @@ class Agent:
             vanished = [uid for uid in self.pods if uid not in current]
         for uid in vanished:
             self.on_pod_gone(uid)
+        if not self.swept:
+            self._reserve_addresses()
         for pod in current.values():
             self.on_pod(pod)
+        if not self.swept:
+            self._sweep(current)
+            self.swept = True
+            synced = self.ctx.state_dir / "run" / "node-agent.synced"  # Sandbox.restart waits for it
+            synced.write_text(f"{os.getpid()}\n")
         self.reap()
         for kind, obj in self.client.watch(
             "/api/v1/pods", listing["metadata"]["resourceVersion"], params, timeout_s=WATCH_S
@@ -185,6 +215,38 @@ class Agent:
             elif kind in ("ADDED", "MODIFIED"):
                 self.on_pod(obj)
             self.reap()
+
+    def _reserve_addresses(self) -> None:
+        """The addresses of the pod networks an earlier agent left (before any is handed out again)."""
+        for netns in self.net.list_netns():
+            address = network.netns_address(netns)
+            if address:
+                with self.lock:
+                    self.used_ips.add(address)
+
+    def _sweep(self, current: dict[str, Obj]) -> None:
+        """Once, after the first listing: what an earlier agent left of pods no worker runs now (gone from the
+        API or ended) is removed: their network namespaces, every process in them, their shims."""
+        with self.lock:
+            running = {self.net.netns_name(uid) for uid, w in self.workers.items() if not w.finished.is_set()}
+        for netns in self.net.list_netns():
+            if netns in running:
+                continue
+            _log(f"removing leftover network namespace {netns}")
+            address = network.netns_address(netns)
+            for pid in network.netns_pids(netns):
+                procs.kill_group(pid, signal.SIGKILL)
+            network.delete_netns(netns)
+            if address:
+                self.release_ip(address)
+        kept = {w.dir for w in self.workers.values()}
+        for pid_file in (self.ctx.state_dir / "pods").glob("*/run/*.pid"):
+            if pid_file.parent.parent in kept:
+                continue
+            leftover = procs.running_pid(pid_file.name.removesuffix(".pid"), pid_file.parent)
+            if leftover is not None:  # a shim or a container (of a hostNetwork pod: no namespace) left behind
+                _log(f"killing leftover process {leftover} ({pid_file})")
+                procs.kill_group(leftover, signal.SIGKILL)
 
     def watch_services(self) -> None:
         listing = self.client.get("/api/v1/services")
@@ -217,11 +279,6 @@ class Agent:
 
     # -- main ---------------------------------------------------------------------------------------
     def run(self) -> None:
-        for netns in self.net.list_netns():  # left by an agent that did not stop cleanly
-            _log(f"removing leftover network namespace {netns}")
-            for pid in network.netns_pids(netns):
-                procs.kill_group(pid, signal.SIGKILL)
-            network.delete_netns(netns)
         server = KubeletServer(
             (self.api_host, self.kubelet_port),
             self.ctx.state_dir / "pki",

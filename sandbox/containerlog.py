@@ -1,8 +1,9 @@
 """Container output, recorded the way a CRI container runtime records it, and read back in whole lines.
 
 Each container gets one pipe for its stdout and one for its stderr (as containerd gives it two FIFOs). A pump
-thread reads both, splits each stream on newlines, keeps a stream's unfinished last line until its newline
-arrives (or the stream ends), and appends one record per line to the container's log file:
+thread (of the container's shim, so the output outlives a node-agent restart) reads both, splits each stream
+on newlines, keeps a stream's unfinished last line until its newline arrives (or the stream ends), and appends
+one record per line to the container's log file:
 
     2026-11-28T20:00:00.123456789Z stdout F loaded v=3 epoch=0 rank=2 ...
 
@@ -21,6 +22,8 @@ line there. A real container runtime does the same, so programs whose processes 
 each line with one write call, or give each process its own pipe (examples/demo/demo_log.py does both).
 
 Lines of a plain-text log (the format before these records) are read as stdout lines without a timestamp.
+
+The pump runs in the container's shim (shim.py), which loads this module by its path: standard library only.
 """
 
 from __future__ import annotations
@@ -30,13 +33,12 @@ import fcntl
 import os
 import re
 import selectors
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from weightsync.sandbox.agentlog import log
 
 STDOUT, STDERR = "stdout", "stderr"
 #: Longer lines are recorded as several records, as containerd's max_container_log_line_size does (16 KiB).
@@ -144,7 +146,11 @@ class LogPump(threading.Thread):
             _write_all(out, records)
         except OSError as e:  # a full disk: keep draining the pipes, so the container never blocks on them
             if not self.failed:
-                log(f"cannot write {self.log_file}: {e}; dropping that container's output until it can")
+                sys.stdout.write(
+                    f"[container-log {time.strftime('%H:%M:%S')}] cannot write {self.log_file}: {e}; "
+                    "dropping that container's output until it can\n"
+                )
+                sys.stdout.flush()
             self.failed = True
         else:
             self.failed = False

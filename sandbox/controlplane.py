@@ -35,6 +35,8 @@ from weightsync.sandbox.waiting import wait_for
 NODE_NAME = "sandbox-node-0"
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 AGENT = "node-agent"
+SUPERVISOR = "supervisor"  # supervisor.py (imported only where used: it runs as `python -m`)
+COMPONENTS = (*CONTROL_PLANE, AGENT)  # what the supervisor restarts, and Sandbox.restart takes
 STARTUP_TIMEOUT_S = 120.0
 LOCK_TIMEOUT_S = 100 * 60.0  # another up may be building the binaries (about 10 min cold on 2 cores)
 
@@ -60,7 +62,7 @@ class SandboxStatus:
 
     @property
     def running(self) -> bool:
-        return all(self.processes.get(n) for n in (*CONTROL_PLANE, AGENT)) and self.api_ready
+        return all(self.processes.get(n) for n in (*COMPONENTS, SUPERVISOR)) and self.api_ready
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "running": self.running}
@@ -187,7 +189,7 @@ class Sandbox:
         certs.ensure_pki(lay.pki, ["127.0.0.1", self.net.gateway, "10.0.0.1"])
         lay.audit_policy.write_text(AUDIT_POLICY)
 
-        running = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
+        running = {name: procs.running_pid(name, lay.run) for name in COMPONENTS}
         ports = self._read_ports()
         if ports is None or not running["etcd"] or not running["kube-apiserver"]:
             if any(running.values()):
@@ -208,12 +210,19 @@ class Sandbox:
         if not procs.running_pid(AGENT, lay.run):
             _log(f"starting the node agent ({NODE_NAME})")
             procs.spawn(AGENT, self._agent_argv(ports), lay.run, lay.logs, env=self._agent_env())
+        from weightsync.sandbox.supervisor import write_components
+
+        write_components(lay.run, self._components(ports))
         self._wait(lambda: self._node_ready(admin), f"node {NODE_NAME} to be Ready", AGENT)
         self._wait(
             lambda: admin.get("/api/v1/namespaces/default/serviceaccounts/default"),
             "the default ServiceAccount (the controller-manager's token controller)",
             "kube-controller-manager",
         )
+        if not procs.running_pid(SUPERVISOR, lay.run):  # last: it restarts whatever exits from now on
+            _log("starting the supervisor")
+            argv = [sys.executable, "-m", "weightsync.sandbox.supervisor", "--state-dir", str(self.state_dir)]
+            procs.spawn(SUPERVISOR, argv, lay.run, lay.logs)
         _log(f"ready: KUBECONFIG={self.kubeconfig} (API server {self.api_server_url})")
 
     def down(self) -> None:
@@ -229,9 +238,55 @@ class Sandbox:
         network.delete_bridge(self.net)
         _log(f"stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
 
+    def restart(self, component: str, sig: int = signal.SIGKILL, timeout: float = STARTUP_TIMEOUT_S) -> int:
+        """Kills a component (`sig` to its process group; SIGKILL: as a crash) and waits until the
+        supervisor has started it again and it serves: etcd answers /health, the API server /readyz, the
+        node agent has adopted the running pods. Returns the new pid. For fault tests; pods keep running
+        (an agent killed with SIGTERM stops them first, as `down` wants)."""
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
+        run = self.layout.run
+        if not procs.running_pid(SUPERVISOR, run):
+            raise RuntimeError(f"the sandbox in {self.state_dir} is not supervised: call up() first")
+        old = procs.running_pid(component, run)
+        if old is not None:
+            _log(f"restarting {component}: signal {signal.Signals(sig).name} to pid {old}")
+            procs.kill_group(old, sig)
+        new = wait_for(
+            lambda: (pid := procs.running_pid(component, run)) is not None and pid != old and pid,
+            timeout,
+            f"the supervisor to start {component} again",
+            describe=lambda: self._log_tail(SUPERVISOR) + "\n" + self._log_tail(component),
+        )
+        self.wait_ready(component, timeout)
+        return int(new)
+
+    def wait_ready(self, component: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Waits until a running component serves (see restart)."""
+        ports = self._read_ports()
+        if ports is None:
+            raise RuntimeError(f"the sandbox in {self.state_dir} has never been started: call up() first")
+        run = self.layout.run
+        ready: Any
+        if component == "etcd":
+            ready = lambda: _http_ok(f"http://127.0.0.1:{ports.etcd_client}/health")  # noqa: E731
+        elif component == "kube-apiserver":
+            ready = KubeClient.from_kubeconfig(self.kubeconfig).ready
+        elif component == AGENT:
+            synced = run / "node-agent.synced"
+            ready = lambda: synced.exists() and synced.read_text().strip() == str(procs.running_pid(AGENT, run))  # noqa: E731
+        else:
+            ready = lambda: procs.running_pid(component, run) is not None  # noqa: E731
+        wait_for(ready, timeout, f"{component} to serve", interval=0.1, describe=lambda: self._log_tail(component))
+
+    def _log_tail(self, component: str) -> str:
+        log = self.layout.logs / f"{component}.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        return f"{component} log ({log}) ends with:\n" + "\n".join(tail)
+
     def status(self) -> SandboxStatus:
         lay = self.layout
-        processes = {name: procs.running_pid(name, lay.run) for name in (*CONTROL_PLANE, AGENT)}
+        processes = {name: procs.running_pid(name, lay.run) for name in (*COMPONENTS, SUPERVISOR)}
         ports = self._read_ports()
         url = f"https://{self.net.gateway}:{ports.apiserver}" if ports else None
         api_ready = node_ready = False
@@ -327,6 +382,17 @@ class Sandbox:
             str(ports.kubelet),
         ]
 
+    def _components(self, ports: Ports) -> list[tuple[str, list[str], dict[str, str]]]:
+        """Each component's command line as up() starts it, for the supervisor (same ports, data, certs)."""
+        lay, bin_dir = self.layout, self.bin_dir
+        return [
+            ("etcd", etcd_argv(bin_dir, lay, ports), {}),
+            ("kube-apiserver", apiserver_argv(bin_dir, lay, ports, self.net.gateway), {}),
+            ("kube-controller-manager", controller_manager_argv(bin_dir, lay), {}),
+            ("kube-scheduler", scheduler_argv(bin_dir, lay), {}),
+            (AGENT, self._agent_argv(ports), {"PYTHONUNBUFFERED": "1"}),
+        ]
+
     def _agent_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -348,9 +414,7 @@ class Sandbox:
 
     def _wait(self, condition: Any, what: str, component: str) -> None:
         def died() -> str:
-            log = self.layout.logs / f"{component}.log"
-            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-            return f"{component} log ({log}) ends with:\n" + "\n".join(tail)
+            return self._log_tail(component)
 
         def check() -> Any:
             if not procs.running_pid(component, self.layout.run):
@@ -364,7 +428,7 @@ class Sandbox:
 
     def _stop_processes(self) -> list[str]:
         stopped = []
-        for name in (AGENT, "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in (SUPERVISOR, AGENT, "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if procs.stop(name, self.layout.run, grace=20.0 if name == AGENT else 10.0):
                 stopped.append(name)
         return stopped

@@ -57,6 +57,13 @@ class GpuAllocator:
         visible = ",".join(map(str, mine))
         return {"CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible}
 
+    def reserve(self, pod_uid: str, container: str, indices: list[int]) -> None:
+        """Records GPUs a running container already has (one an agent before this one started)."""
+        with self.lock:
+            for i in indices:
+                if i < self.count:
+                    self.owner[i] = (pod_uid, container)
+
     def release(self, pod_uid: str) -> None:
         with self.lock:
             for i in [i for i, o in self.owner.items() if o[0] == pod_uid]:

@@ -153,6 +153,13 @@ def create_pod_netns(net: PodNetwork, name: str, address: str) -> None:
     ip("-n", name, "link", "set", "lo", "up")
 
 
+def netns_address(name: str) -> str | None:
+    """The IPv4 address of eth0 in network namespace `name` (a pod's), None when it has none."""
+    proc = ip("-n", name, "-4", "-o", "addr", "show", "dev", "eth0", check=False)
+    words = proc.stdout.split()
+    return words[words.index("inet") + 1].split("/")[0] if "inet" in words else None
+
+
 def netns_pids(name: str) -> list[int]:
     """The pids of every process inside network namespace `name`."""
     proc = ip("netns", "pids", name, check=False)

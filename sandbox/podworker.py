@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import threading
@@ -38,6 +40,21 @@ def now_rfc3339() -> str:
 
 def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A running process's environment (an adopted container's, for its exec probes)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw.split(b"\0") if b"=" in e)
 
 
 @dataclass
@@ -127,6 +144,8 @@ class PodWorker(threading.Thread):
         self.hosts_text = ""
         self.hosts_generation = -1
         self.lock = threading.Lock()
+        # its directory is there: an earlier agent ran this pod, and its containers may still run (adopted)
+        self.adopting = (self.dir / "run").is_dir()
 
     # -- called by the agent ------------------------------------------------------------------------
     def update(self, pod: Obj) -> None:
@@ -145,6 +164,8 @@ class PodWorker(threading.Thread):
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            if self.adopting:
+                self._adopt()
             while not (self.gone or self.stopping):
                 with self.lock:
                     pod = self.pod
@@ -193,6 +214,43 @@ class PodWorker(threading.Thread):
             if str(e) != self.last_error:
                 self._log(f"volume refresh failed: {e}")
             self.last_error = str(e)
+
+    # -- an earlier agent's pod ---------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """Takes over what an agent before this one started: each container's run from the state the agent
+        recorded at its start (run/<name>.state.json) and its shim's files. A run whose shim still runs is
+        adopted as it is (same process, its output still reaching its log); one that ended while no agent
+        watched is handled as an exit now (restart policy, back-off); one that never started is started."""
+        statuses = {
+            s["name"]: s
+            for s in [*self.pod.get("status", {}).get("initContainerStatuses", []),
+                      *self.pod.get("status", {}).get("containerStatuses", [])]
+        }
+        adopted = []
+        for c in self.containers:
+            files = containers.Files(self.dir / "run", c.name)
+            try:
+                record = json.loads(files.state.read_text())
+            except (OSError, ValueError):
+                continue  # never started
+            c.runs = int(record["runs"])
+            c.last_state = record.get("lastState") or {}
+            c.backoff_s = float(record.get("backoffS", 0.0))
+            proc = containers.adopt(files, float(record["startedWall"]))
+            if proc is None:  # the agent died while starting it: it runs again
+                c.runs -= 1
+                continue
+            self.ctx.gpus.reserve(self.uid, c.name, record.get("gpus", []))
+            c.proc, c.env = proc, _environ(proc.pid)
+            c.state = {"running": {"startedAt": _rfc3339(proc.started_wall)}}
+            ready = bool(statuses.get(c.name, {}).get("ready"))  # as published: no flap to not Ready
+            readiness, liveness = c.spec.get("readinessProbe"), c.spec.get("livenessProbe")
+            c.readiness = ProbeState.start(readiness, ready) if readiness and not c.init else None
+            c.liveness = ProbeState.start(liveness, True) if liveness and not c.init else None
+            c.ready = (ready if c.readiness else True) and not c.init
+            adopted.append(f"{c.name} (pid {proc.pid}{', ended' if proc.poll() is not None else ''})")
+        if adopted:
+            self._log(f"adopted {', '.join(adopted)}")
 
     # -- setup and teardown -------------------------------------------------------------------------
     def _setup(self, pod: Obj) -> None:
@@ -298,6 +356,19 @@ class PodWorker(threading.Thread):
         env = resolve_env({**pod, "status": {**pod.get("status", {}), **ips}}, c.spec, base, lookup)
         argv = command_line(c.spec, env)
         etc = self.dir / "etc"
+        gpus = self.ctx.gpus.env(self.uid, c.spec).get("CUDA_VISIBLE_DEVICES", "")
+        files = containers.Files(self.dir / "run", c.name)
+        files.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(  # before the shim starts: a later agent adopts the run from it (see _adopt)
+            files.state,
+            json.dumps({
+                "runs": c.runs + 1,
+                "startedWall": time.time(),
+                "lastState": c.last_state,
+                "backoffS": c.backoff_s,
+                "gpus": [int(i) for i in gpus.split(",") if i],
+            }),
+        )
         mounts: list[dict[str, Any]] = [
             {"source": str(etc / "hosts"), "target": "/etc/hosts", "readOnly": False},
             {"source": str(etc / "resolv.conf"), "target": "/etc/resolv.conf", "readOnly": False},
@@ -347,7 +418,7 @@ class PodWorker(threading.Thread):
             "exitCode": exit_code,
             "reason": "Completed" if exit_code == 0 else "Error",
             "startedAt": _rfc3339(c.proc.started_wall),
-            "finishedAt": now_rfc3339(),
+            "finishedAt": _rfc3339(c.proc.finished_wall() or time.time()),
             "containerID": f"sandbox://{c.proc.pid}",
         }
         c.proc.kill()  # whatever it left behind in its process group

@@ -497,6 +497,91 @@ def test_host_network_pods_keep_the_node_name_and_address(sandbox: Sandbox, name
     assert f"host {socket.gethostname()} " in sandbox.pod_log(namespace, "hostnet", "main")
 
 
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_killed_control_plane_components_come_back_with_their_ports_and_state(
+    sandbox: Sandbox, namespace: str
+) -> None:
+    """kill -9 of each component: the supervisor starts it again, same command line (ports, etcd data), and
+    the cluster carries on: objects are still there, the scheduler outlives an API server restart."""
+    apply(sandbox, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kept"}})
+    url = sandbox.api_server_url
+    scheduler = sandbox.status().processes["kube-scheduler"]
+    for component in ("etcd", "kube-apiserver"):
+        old = sandbox.status().processes[component]
+        assert old is not None
+        argv = _cmdline(old)
+        new = sandbox.restart(component)  # SIGKILL, then waits until it serves again
+        assert new != old and not alive(old)
+        assert _cmdline(new) == argv  # same flags: same ports, same data directory, same certificates
+        assert sandbox.api_server_url == url
+        wait_for(lambda: get(sandbox, namespace, "configmap", "kept"), TIMEOUT_S, "the ConfigMap after the restart")
+    assert sandbox.status().processes["kube-scheduler"] == scheduler  # it outlived the API server's restart
+    sleeper = python_pod("after-apiserver", "import time; time.sleep(600)")
+    apply(sandbox, namespace, sleeper)
+    wait_phase(sandbox, namespace, "after-apiserver", "Running")  # scheduled by the scheduler that saw it
+
+    for component in ("kube-controller-manager", "kube-scheduler"):
+        old = sandbox.status().processes[component]
+        new = sandbox.restart(component)
+        assert new != old and not alive(old)  # type: ignore[arg-type]
+    apply(sandbox, namespace, python_pod("after-scheduler", "import time; time.sleep(600)"))
+    wait_phase(sandbox, namespace, "after-scheduler", "Running")
+    ns = f"{namespace[:50]}-cm"  # the restarted controller-manager's ServiceAccount controller at work
+    sandbox.kubectl("create", "namespace", ns)
+    try:
+        wait_for(
+            lambda: get(sandbox, ns, "serviceaccount", "default"), TIMEOUT_S, "the default ServiceAccount"
+        )
+    finally:
+        sandbox.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    supervisor_log = (sandbox.state_dir / "logs" / "supervisor.log").read_text()
+    for component in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        assert f"started {component} again" in supervisor_log
+
+
+TICKER = """
+    import itertools, os, sys, time
+    for i in itertools.count():
+        os.write(1, f"tick {i}\\n".encode())  # one write per line
+        time.sleep(0.1)
+"""
+
+
+def test_a_restarted_node_agent_adopts_running_pods(sandbox: Sandbox, namespace: str) -> None:
+    """kill -9 of the node agent while a pod runs and writes: the pod keeps its process and its address, its
+    output keeps reaching its log (no line lost), no second process is started, and the new agent runs it on
+    (status, deletion) and hands new pods other addresses."""
+    apply(sandbox, namespace, python_pod("ticker", TICKER))
+    pod = wait_phase(sandbox, namespace, "ticker", "Running")
+    pid, ip = container_pid(pod), pod["status"]["podIP"]
+    wait_log(sandbox, namespace, "ticker", "tick 5\n")
+    netns = sandbox.net.netns_name(pod["metadata"]["uid"])
+
+    old_agent = sandbox.status().processes["node-agent"]
+    new_agent = sandbox.restart("node-agent")  # SIGKILL, then waits until the new agent adopted its pods
+    assert new_agent != old_agent and not alive(old_agent)  # type: ignore[arg-type]
+    before = sandbox.pod_log(namespace, "ticker", "main").count("\ntick ")
+    wait_log(sandbox, namespace, "ticker", f"tick {before + 20}\n")  # still written, still pumped into the log
+    assert alive(pid)
+    assert netns_pids(netns) == [pid]  # the very process, and no second one
+    log = sandbox.pod_log(namespace, "ticker", "main")
+    assert log.count("==== ") == 1  # one run
+    ticks = [int(line.split()[1]) for line in log.splitlines() if line.startswith("tick ")]
+    assert ticks == list(range(len(ticks)))  # nothing lost or doubled across the restart
+
+    apply(sandbox, namespace, python_pod("newcomer", "import time; time.sleep(600)"))
+    newcomer = wait_phase(sandbox, namespace, "newcomer", "Running")
+    assert newcomer["status"]["podIP"] != ip  # the adopted pod's address stays taken
+    status = get(sandbox, namespace, "pod", "ticker")["status"]  # type: ignore[index]
+    assert status["phase"] == "Running" and container_pid({"status": status}) == pid
+    assert status["containerStatuses"][0]["restartCount"] == 0
+    sandbox.kubectl("delete", "pod", "ticker", "-n", namespace, "--timeout=30s")  # the new agent ends it
+    assert not alive(pid)
+
+
 def test_down_leaves_nothing_running(sandbox: Sandbox, namespace: str) -> None:
     """Runs last in this module: stops the sandbox, checks, then starts it again for later tests."""
     apply(
@@ -514,7 +599,7 @@ def test_down_leaves_nothing_running(sandbox: Sandbox, namespace: str) -> None:
     pod = wait_phase(sandbox, namespace, "sleeper", "Running")
     pid = container_pid(pod)
     component_pids = [p for p in sandbox.status().processes.values() if p]
-    assert len(component_pids) == 5
+    assert len(component_pids) == 6  # etcd, API server, controller-manager, scheduler, node agent, supervisor
     # the container and the grandchild that left its session both live in the pod's network namespace
     pod_pids = wait_for(
         lambda: len(p := netns_pids(sandbox.net.netns_name(pod["metadata"]["uid"]))) >= 2 and p,
