@@ -54,6 +54,10 @@ def test_a_failing_engine_is_named_nothing_dangles_and_the_next_send_recovers(
         assert took < 2 * TIMEOUT + 3, took  # the failing call within the timeout, the clean-up within one more
         started = step in SYNC_STEPS[1:]
         for server in pair:
+            # No group, no session, nothing paused. (An init may still be joining on the healthy server: its
+            # workers wait for the faulty one's, which never come, until their own timeout; the engine runs one
+            # call at a time, so the trainer's shutdown there may have found no answer. The next send's
+            # formation shuts it down again.)
             state = server.state()
             assert (state["initialized"], state["session"], state["paused"]) == (False, False, False), (
                 server.url, state)

@@ -72,8 +72,8 @@ def test_the_request_sequence_and_bodies(fresh: StandIn) -> None:
         1, len(named), (1, 2), "vllm gloo/tcp", 0)
     assert first.bytes == sum(t.numel() * t.element_size() for _, t in named) and first.seconds > 0
     assert first.formation_seconds > 0 and second.formation_seconds == 0
-    assert fresh.state() == {"initialized": False, "session": False, "paused": False, "weight_version": "2",
-                             "leaked_groups": 0, "ranks": [], "init_info": None}
+    assert fresh.state() == {"initialized": False, "initializing": False, "session": False, "paused": False,
+                             "weight_version": "2", "leaked_groups": 0, "ranks": [], "init_info": None}
 
 
 def test_every_byte_of_every_tensor_reaches_every_worker(fresh: StandIn) -> None:

@@ -178,6 +178,7 @@ class Worker:
 
     def warm_up(self) -> None:
         if self.nccl is not None:
+            torch.cuda.set_device(self.device)  # each call runs on a thread of its own
             self.nccl.all_reduce_one(self._nccl_check())
             return
         value = torch.zeros(1, dtype=torch.float32)
@@ -188,6 +189,7 @@ class Worker:
     def receive(self, tensor: torch.Tensor) -> None:
         """One broadcast from rank 0, of the tensor's dtype and element count."""
         if self.nccl is not None:
+            torch.cuda.set_device(self.device)
             self.nccl.broadcast_typed(tensor, 0)
             self.nccl.finish(self._nccl_check())
             return
@@ -224,11 +226,12 @@ class Engine:
         self.versions: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
         self.broadcasts: dict[int, list[list[tuple[str, int]]]] = {}
         self.leaked_groups = 0
+        self.initializing = False  # an init is joining its workers (the group is not formed yet)
         self.requests: list[dict[str, Any]] = []
         self.stopping = threading.Event()
 
     # --------------------------------------------------------------------------------------- workers
-    def _on_workers(self, work: Callable[[Worker], None]) -> None:
+    def _on_workers(self, work: Callable[[Worker], None], workers: list[Worker] | None = None) -> None:
         errors: list[str] = []
 
         def run(worker: Worker) -> None:
@@ -237,7 +240,7 @@ class Engine:
             except BaseException as err:
                 errors.append(f"rank {worker.rank}: {type(err).__name__}: {err}")
 
-        threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in self.workers]
+        threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers or self.workers]
         for t in threads:
             t.start()
         for t in threads:
@@ -265,10 +268,12 @@ class Engine:
         if self.workers:  # re-init without shutdown overwrites the group and never destroys it
             self.leaked_groups += 1
         offset, world = int(info["rank_offset"]), int(info["world_size"])
-        self.workers = [Worker(offset + k, torch.device(self.devices[k]) if self.devices else
-                               torch.device("cpu")) for k in range(self.k)]
+        self.workers = []
+        joining = [Worker(offset + k, torch.device(self.devices[k]) if self.devices else torch.device("cpu"))
+                   for k in range(self.k)]
         self.meta = None
-        self.init_info = {"packed": False, "packed_buffer_size_bytes": 1 << 30, "packed_num_buffers": 2, **info}
+        self.init_info = None
+        self.initializing = True
 
         def join(worker: Worker) -> None:
             if unique_id is not None:
@@ -282,13 +287,15 @@ class Engine:
             worker.warm_up()
 
         try:
-            self._on_workers(join)
+            self._on_workers(join, joining)
         except WorkerError:
-            for w in self.workers:
+            for w in joining:
                 w.close()
-            self.workers = []
-            self.init_info = None
             raise
+        finally:
+            self.initializing = False
+        self.workers = joining
+        self.init_info = {"packed": False, "packed_buffer_size_bytes": 1 << 30, "packed_num_buffers": 2, **info}
 
     def shutdown(self) -> None:
         if self.session:
@@ -544,7 +551,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/debug/broadcasts":
             return 200, engine.broadcasts
         if path == "/debug/state":
-            return 200, {"initialized": bool(engine.workers), "session": engine.session, "paused": engine.paused,
+            return 200, {"initialized": bool(engine.workers), "initializing": engine.initializing,
+                         "session": engine.session, "paused": engine.paused,
                          "weight_version": engine.weight_version, "leaked_groups": engine.leaked_groups,
                          "ranks": [w.rank for w in engine.workers], "init_info": engine.init_info}
         if path == "/debug/faults" and method == "POST":
