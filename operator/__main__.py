@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port)  # before kopf: a busy port fails fast, with exit code 1
     handlers.CONFIG.resync_seconds = args.resync_seconds
+    handlers.CONFIG.namespaces = tuple(args.namespace)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

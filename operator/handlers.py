@@ -1,6 +1,10 @@
 """kopf wiring: the operator's settings, and which events trigger a reconcile. Nothing else.
 
 Choices (see DESIGN.md, Known pitfalls):
+- kopf watches WeightSyncs only; the children (pods, Services, Secrets as metadata, Roles, RoleBindings)
+  are watched by the operator's own informers (informer.py) with the operator's label selector applied by
+  the API server (kopf would watch every pod of the cluster and filter on its side), and every reconcile
+  reads from those caches: the idle cost does not grow with the number of objects.
 - Only `kopf.on.event` handlers. They keep no state on the object: no finalizer (a WeightSync deleted while
   the operator is down does not hang in Terminating; its children go through owner references and the
   garbage collector) and no last-handled-configuration annotation (whose 256 KiB limit large pod
@@ -26,9 +30,9 @@ from kubernetes import client, config
 
 from weightsync.api.models import GROUP, PLURAL, VERSION
 
-from . import constants as c
 from . import metrics
-from .kube import Conflict, Kube
+from .informer import Children, informers
+from .kube import Conflict, Kube, WeightSyncCache
 from .reconcile import reconcile
 from .scheduler import Key, Scheduler
 
@@ -46,10 +50,22 @@ class Config:
     watch_server_timeout: int = 60
     watch_client_timeout: int = 90
     watch_connect_timeout: int = 10
+    #: Namespaces watched (empty: all); set by __main__.
+    namespaces: tuple[str, ...] = ()
+    #: Seconds to wait at startup for the informers' first lists (reconciles read through until then).
+    informer_startup_timeout: float = 30.0
 
 
 CONFIG = Config()
 _state: dict[str, Any] = {}
+
+
+class CountingApiClient(client.ApiClient):
+    """Counts every request by verb (a watch as WATCH), for the metrics and the idle-cost benchmark."""
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        metrics.API_REQUESTS.labels(verb="WATCH" if "watch=true" in url.lower() else method.upper()).inc()
+        return super().call_api(method, url, *args, **kwargs)
 
 
 def _api_client() -> client.ApiClient:
@@ -57,7 +73,7 @@ def _api_client() -> client.ApiClient:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    return CountingApiClient()
 
 
 def _reconcile_key(key: Key) -> float | None:
@@ -123,8 +139,21 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
     if "scheduler" in _state:  # a retried startup
         return
-    _state["kube"] = Kube(await asyncio.to_thread(_api_client))
+    api = await asyncio.to_thread(_api_client)
+    loop = asyncio.get_running_loop()
     scheduler = Scheduler(_reconcile_key)
+
+    def child_changed(namespace: str, group: str) -> None:  # an informer thread
+        loop.call_soon_threadsafe(scheduler.poke, (namespace, group))
+
+    children = Children(informers(api, list(CONFIG.namespaces), child_changed))
+    children.start()
+    _state["children"] = children
+    _state["weightsyncs"] = WeightSyncCache()
+    _state["kube"] = Kube(api, children, _state["weightsyncs"])
+    if not await asyncio.to_thread(children.wait_ready, CONFIG.informer_startup_timeout):
+        log.warning("the child informers did not list within %ss; reading through to the API server meanwhile",
+                    CONFIG.informer_startup_timeout)
     # With peering, kopf starts paused until it has seen the peers, and says "Resuming" when it may act.
     scheduler.paused = settings.peering.mandatory and not settings.peering.standalone
     _state["scheduler"] = scheduler
@@ -145,29 +174,23 @@ async def cleanup(**_: Any) -> None:
     task = _state.pop("resync", None)
     if task is not None:
         task.cancel()
+    children = _state.get("children")
+    if children is not None:
+        children.stop()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def weightsync_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+async def weightsync_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
     key = (namespace or "", name)
+    cache: WeightSyncCache | None = _state.get("weightsyncs")
     if event["type"] == "DELETED":
+        if cache is not None:
+            cache.drop(*key)
         _scheduler().forget(key)
         metrics.set_phase(key, None)
         return
+    if cache is not None:
+        cache.put(dict(event["object"]))
     await _scheduler().trigger(key)
-
-
-_CHILD_LABELS: dict[str, Any] = {
-    c.MANAGED_BY_LABEL: c.OPERATOR_NAME,
-    c.NAME_LABEL: kopf.PRESENT,
-}
-
-
-@kopf.on.event("", "v1", "pods", labels=_CHILD_LABELS)
-async def pod_event(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-    await _scheduler().trigger((namespace or "", labels[c.NAME_LABEL]))
-
-
-@kopf.on.event("", "v1", "services", labels=_CHILD_LABELS)
-async def service_event(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-    await _scheduler().trigger((namespace or "", labels[c.NAME_LABEL]))

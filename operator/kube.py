@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -22,40 +23,115 @@ from kubernetes.client.exceptions import ApiException
 from weightsync.api.models import GROUP, PLURAL, VERSION
 
 from . import constants as c
-from . import names
+from . import metrics, names
 from .decision import Action, Create, Delete, Event, Patch
+from .informer import Children
 from .observed import Observed, Rejection, WeightSyncObject, observe_pod
 
 log = logging.getLogger("weightsync.operator.kube")
 
 Obj = dict[str, Any]
 MERGE = "application/merge-patch+json"
+SECRET_METADATA = "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io,application/json"
 
 
 class Conflict(Exception):
     """The WeightSync changed between our read and our status write; reconcile again."""
 
 
+class WeightSyncCache:
+    """The WeightSyncs as kopf's watch last delivered them (and as our own status writes returned them)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], Obj] = {}
+        self.lock = threading.Lock()
+
+    def put(self, obj: Obj) -> None:
+        """Keep `obj` unless the cache holds a later version of it (resourceVersions are etcd revisions)."""
+        meta = obj.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        with self.lock:
+            held = self.objects.get(key)
+            if held is None or _revision(held) <= _revision(obj):
+                self.objects[key] = obj
+
+    def get(self, namespace: str, name: str) -> Obj | None:
+        with self.lock:
+            return self.objects.get((namespace, name))
+
+    def drop(self, namespace: str, name: str) -> None:
+        with self.lock:
+            self.objects.pop((namespace, name), None)
+
+
+def _revision(obj: Obj) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    """`children` and `weightsyncs`: watch caches to read from (the operator's); without them (tests, the
+    CLI) every read goes to the API server."""
+
+    def __init__(
+        self, api: client.ApiClient, children: Children | None = None, weightsyncs: WeightSyncCache | None = None
+    ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.children = children
+        self.weightsyncs = weightsyncs
         self.writes = 0
 
     # --- reads ----------------------------------------------------------------------------------------
 
     def get_weightsync(self, namespace: str, name: str) -> Obj | None:
+        if self.weightsyncs is not None:
+            cached = self.weightsyncs.get(namespace, name)
+            if cached is not None:
+                return cached
         try:
             obj = cast(Obj, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
         except ApiException as err:
             if err.status == 404:
                 return None
             raise
+        if self.weightsyncs is not None:
+            self.weightsyncs.put(obj)
         return obj
 
     def observe(self, ws: WeightSyncObject) -> Observed:
+        if self.children is not None and self.children.ready():
+            return self._observe_cached(ws)
+        return self._observe_live(ws)
+
+    def _observe_cached(self, ws: WeightSyncObject) -> Observed:
+        """From the watch caches; a shared child the cache lacks is read from the API server (it may be one
+        we just created, or someone else's without our labels, which the caches never hold)."""
+        assert self.children is not None
+        ns, name = ws.namespace, ws.name
+        cache = self.children
+        pods = {p["metadata"]["name"]: observe_pod(p, ws.uid) for p in cache.of_group("pods", ns, name)}
+
+        def read(kind: str, child: str, fallback: Callable[..., Any]) -> Obj | None:
+            cached = cache.get(kind, ns, child)
+            if cached is not None:
+                return cached
+            metrics.CACHE_MISSES.labels(kind=kind).inc()
+            return self._raw(fallback, child, ns, _preload_content=False)
+
+        return Observed(
+            pods=pods,
+            service=read("services", names.service_name(name), self.core.read_namespaced_service),
+            secret=self._meta_only(cache.get("secrets", ns, names.secret_name(name)) or self._secret(ns, name, True)),
+            role=read("roles", names.report_role_name(name), self.rbac.read_namespaced_role),
+            role_binding=read("rolebindings", names.report_role_name(name), self.rbac.read_namespaced_role_binding),
+        )
+
+    def _observe_live(self, ws: WeightSyncObject) -> Observed:
         ns, name = ws.namespace, ws.name
         raw = self._raw(
             self.core.list_namespaced_pod, ns, label_selector=f"{c.NAME_LABEL}={name}", _preload_content=False
@@ -64,14 +140,19 @@ class Kube:
         return Observed(
             pods=pods,
             service=self._raw(self.core.read_namespaced_service, names.service_name(name), ns, _preload_content=False),
-            secret=self._meta_only(
-                self._raw(self.core.read_namespaced_secret, names.secret_name(name), ns, _preload_content=False)
-            ),
+            secret=self._meta_only(self._secret(ns, name)),
             role=self._raw(self.rbac.read_namespaced_role, names.report_role_name(name), ns, _preload_content=False),
             role_binding=self._raw(
                 self.rbac.read_namespaced_role_binding, names.report_role_name(name), ns, _preload_content=False
             ),
         )
+
+    def _secret(self, ns: str, ws: str, missed: bool = False) -> Obj | None:
+        """The token Secret's metadata only (PartialObjectMetadata): its data never reaches the operator."""
+        if missed:
+            metrics.CACHE_MISSES.labels(kind="secrets").inc()
+        return self._raw(self.core.read_namespaced_secret, names.secret_name(ws), ns, _preload_content=False,
+                         _headers={"Accept": SECRET_METADATA})
 
     @staticmethod
     def _raw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj | None:
@@ -100,13 +181,17 @@ class Kube:
         meta = ws["metadata"]
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            written = self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _content_type=MERGE
             )
         except ApiException as err:
             if err.status in (404, 409):
+                if self.weightsyncs is not None:  # read it afresh next time
+                    self.weightsyncs.drop(meta["namespace"], meta["name"])
                 raise Conflict(f"{meta['namespace']}/{meta['name']}: {err.reason}") from None
             raise
+        if self.weightsyncs is not None and isinstance(written, dict):
+            self.weightsyncs.put(written)
         self._wrote()
 
     def apply(self, namespace: str, action: Action) -> bool:
@@ -138,13 +223,18 @@ class Kube:
                 self._create(namespace, action.obj, dry_run=True)
             except ApiException as err:
                 if err.status == 409:
-                    if action.kind == "Pod":
+                    if action.kind == "Pod" and not self._is_member(namespace, action.name):
                         message = (f"a pod named {action.name} exists without this group's labels; "
                                    "delete or rename it")
                         out.append(Rejection(action.kind, action.name, 409, "AlreadyExists", message))
                     continue
                 out.append(Rejection(action.kind, action.name, int(err.status or 0), *_api_message(err)))
         return out
+
+    def _is_member(self, namespace: str, pod: str) -> bool:
+        """The pod exists with the group's labels (a cache that has not seen our own create yet)."""
+        found = self._raw(self.core.read_namespaced_pod, pod, namespace, _preload_content=False)
+        return bool(found) and c.NAME_LABEL in ((found or {}).get("metadata", {}).get("labels") or {})
 
     def _create(self, ns: str, obj: Obj, dry_run: bool = False) -> None:
         kind = obj["kind"]

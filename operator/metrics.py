@@ -12,6 +12,12 @@ RECONCILE_SECONDS = Histogram("weightsync_reconcile_duration_seconds", "Duration
 GROUPS = Gauge("weightsync_groups", "WeightSync objects by phase.", ["phase"])
 RESTARTS = Counter("weightsync_member_restarts", "Member failures (failed, exited or vanished pods).")
 EPOCH_CHANGES = Counter("weightsync_epoch_changes", "Epoch bumps (the group re-forms).")
+API_REQUESTS = Counter(
+    "weightsync_api_requests",
+    "Requests of the operator's Kubernetes client (WATCH: a watch opened; kopf's own watches not included).",
+    ["verb"],
+)
+CACHE_MISSES = Counter("weightsync_cache_misses", "Reads that the watch caches could not answer.", ["kind"])
 
 PHASES = ("Pending", "Forming", "Ready", "Degraded", "Failed")
 _phases: dict[tuple[str, str], str] = {}

@@ -25,24 +25,26 @@ REQUIRED_RULES: list[Rule] = [
     {"apiGroups": ["weightsync.dev"], "resources": ["weightsyncs"], "verbs": ["get", "list", "watch"]},
     # reconcile writes the status (merge patch with a resourceVersion precondition).
     {"apiGroups": ["weightsync.dev"], "resources": ["weightsyncs/status"], "verbs": ["patch"]},
-    # member pods: kopf watches them (list, watch); kube.observe lists them; create, delete (failed or scaled
-    # away), patch (epoch annotations).
+    # member pods: an informer watches them (list, watch); create, delete (failed or scaled away), patch
+    # (epoch annotations); get when a create is answered 409.
     {
         "apiGroups": [""],
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
-    # the headless Service: kopf watches it (drift), kube.observe reads it, create, patch (drift repair).
+    # the headless Service: an informer watches it (drift); get when the watch lacks it; create, patch.
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    # the token Secret: read by name and created; never listed or watched (no reading of other Secrets).
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    # the token Secret: an informer watches the labelled Secrets as metadata only (PartialObjectMetadata: the
+    # operator never receives a Secret's data); get (metadata kept only) when the watch lacks it; create.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]},
     # Events about every decision.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # the trainer's report Role and RoleBinding: read by name, created, repaired.
+    # the trainer's report Role and RoleBinding: informers watch them; get when the watch lacks one; created,
+    # repaired.
     {
         "apiGroups": ["rbac.authorization.k8s.io"],
         "resources": ["roles", "rolebindings"],
-        "verbs": ["get", "create", "patch"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
 ]
 

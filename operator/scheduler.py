@@ -99,6 +99,14 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def poke(self, key: Key) -> None:
+        """Trigger `key` now, from the event loop (a child of it changed); nothing while paused."""
+        if self.paused:
+            return
+        task = asyncio.get_running_loop().create_task(self.trigger(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def forget(self, key: Key) -> None:
         self.known.discard(key)
         self.backoff.succeeded(key)

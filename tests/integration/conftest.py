@@ -52,6 +52,7 @@ class OperatorProcess:
         wait: bool = True,
         priority: int | None = None,
         crash_after_writes: int | None = None,
+        resync_seconds: float = 3.0,
     ) -> OperatorProcess:
         """Start it; with `priority`, it runs with kopf peering (the KopfPeering object must exist); with
         `crash_after_writes`, it exits abruptly (137) right after that many API writes."""
@@ -66,7 +67,7 @@ class OperatorProcess:
         argv = [
             sys.executable, *entry, "--namespace", self.namespace,
             "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
-            "--resync-seconds", "3",
+            "--resync-seconds", str(resync_seconds),
             *(["--standalone"] if priority is None else ["--priority", str(priority)]),
         ]  # fmt: skip
         full_env = {**os.environ, "KUBECONFIG": str(self.sandbox.kubeconfig), **(env or {})}

@@ -92,18 +92,20 @@ all namespaces are watched, by a Role in each namespace otherwise.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The group's token Secret: read by name and created; Secrets are never listed or watched.
+# The group's token Secret: created; watched (list, watch) by its labels as metadata only, so the operator
+# never receives a Secret's data (RBAC cannot narrow list to labels; the create-pods right can mount any
+# Secret of the namespace anyway, so this grants nothing more); read by name when the watch lacks it.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "watch", "create"]
 # An Event for every decision.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# The trainer's report Role and RoleBinding (get, patch on its own pod only): read, created, repaired.
+# The trainer's report Role and RoleBinding (get, patch on its own pod only): watched, created, repaired.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- if and .Values.peering.enabled .Values.watchNamespaces }}
 # kopf peering in each watched namespace: kopf watches the KopfPeering and patches its own entry (it never
 # reads one by name: no get).
