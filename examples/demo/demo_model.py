@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +108,13 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def checksum(model: nn.Module) -> str:
     """A hash of the whole state: every tensor's name, dtype, shape and raw bytes."""
+    return checksum_of(model.state_dict().items())
+
+
+def checksum_of(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The same hash over any named tensors (what a vLLM engine is sent: the parameters)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(named, key=lambda item: item[0]):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_bytes(t))
     return h.hexdigest()[:16]

@@ -35,7 +35,7 @@ import zlib
 
 import demo_log
 import torch
-from demo_model import build_model, checksum, probe, train_step
+from demo_model import build_model, checksum, checksum_of, probe, train_step
 from weightsync.runtime import ConfigMismatchError, SyncReport, WeightSender, WeightSyncError
 
 #: Consecutive failed attempts at one sync before the trainer gives up (its pod then fails and the
@@ -59,13 +59,21 @@ def on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def weights(sender: WeightSender, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What is sent: the whole state to weightsync receivers; to vLLM engines (protocol vllm) the parameters,
+    in checkpoint names, as vLLM's load_weights takes them (its wire has no bool, which the mask is)."""
+    if sender.env.protocol == "vllm":
+        return list(model.named_parameters())
+    return list(model.state_dict().items())
+
+
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
     """Send the model's state as `version`, re-trying when the sync fails: the group re-forms (by itself, or at
     the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
     configuration that can never work (a mismatch) ends it."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return sender.send(model.state_dict().items(), version=version)
+            return sender.send(weights(sender, model), version=version)
         except ConfigMismatchError:
             raise
         except WeightSyncError as err:
@@ -77,9 +85,13 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
 
 
-def report_line(report: SyncReport, model: torch.nn.Module, loss: float) -> str:
+def sent_checksum(sender: WeightSender, model: torch.nn.Module) -> str:
+    return checksum_of(weights(sender, model)) if sender.env.protocol == "vllm" else checksum(model)
+
+
+def report_line(report: SyncReport, model: torch.nn.Module, loss: float, sent: str) -> str:
     output, mean = probe(model)
-    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={checksum(model)} "
+    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={sent} "
             f"output={output} mean={mean:.6f} tensors={report.tensors} bytes={report.bytes} "
             f"seconds={report.seconds:.4f} gbps={report.gbps:.3f} acked={len(report.acked)} "
             f"transport={report.transport}")
@@ -114,7 +126,7 @@ def main() -> int:
             loss = train_step(model, optimizer, step, seed)
             report = sync(sender, model, step)
             last_epoch = report.epoch
-            log(report_line(report, model, loss))
+            log(report_line(report, model, loss, sent_checksum(sender, model)))
             time.sleep(args.interval)
         log(f"training done after {step} steps; holding v={step} and re-sending it whenever the group re-forms")
         while not _stopping:
@@ -122,7 +134,7 @@ def main() -> int:
             if epoch != last_epoch:
                 report = sync(sender, model, step)
                 last_epoch = report.epoch
-                log(report_line(report, model, loss))
+                log(report_line(report, model, loss, sent_checksum(sender, model)))
             time.sleep(0.5)
     finally:
         sender.close()

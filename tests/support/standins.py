@@ -24,10 +24,10 @@ class StandIn:
 
     def __init__(self, workers: int = 1, *args: str, timeout: float = 10.0, port: int = 0,
                  start_within: float = 120.0) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", "VLLM_SERVER_DEV_MODE": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, str(STANDIN), "--port", str(port), "--workers", str(workers), "--timeout", str(timeout),
-             *args],
+             "--weight-transfer-config", '{"backend": "nccl"}', *args],
             stdout=subprocess.PIPE, stderr=None, env=env, text=True)
         assert self.proc.stdout is not None
         with selectors.DefaultSelector() as sel:

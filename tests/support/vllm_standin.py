@@ -23,6 +23,13 @@ broadcast's dtype and count: `GET /debug/requests`, `/debug/tensors?version=V`, 
 there: `--fail-at STEP[:N]` answers 500 to the N-th call of STEP (a route name: update_weights, ...),
 `--stall-at STEP[:N]` leaves that call unanswered (for --stall-seconds, then the connection closes),
 `--world-size N` reports N workers, `--stale-version` keeps reporting the version before the last finish.
+As stock vLLM, it serves the weight-transfer routes only with `VLLM_SERVER_DEV_MODE` a non-zero integer
+(else they are 404; a value that is not an integer ends it at start, as `bool(int(...))` does in vLLM) and
+builds its transfer engine only with `--weight-transfer-config '{"backend": "nccl"}'` (else every
+weight-transfer call is a 500 "Weight transfer not configured"). `--print-checksums` prints, after every
+finish that sets a version, one line per worker for a user to compare with the trainer's:
+`loaded v=<version> worker=<k> tensors=<n> checksum=<16 hex>` (sha256 over the tensors sorted by name, of
+`name|dtype|shape|` and the raw bytes: examples/demo/demo_model.py's checksum).
 A stall does not hold the engine: other calls are served meanwhile (a real vLLM engine runs one call at a
 time, so there everything after a stuck call waits too).
 """
@@ -36,6 +43,7 @@ import ctypes
 import hashlib
 import json
 import math
+import os
 import pickletools
 import sys
 import threading
@@ -229,6 +237,9 @@ class Engine:
         self.initializing = False  # an init is joining its workers (the group is not formed yet)
         self.requests: list[dict[str, Any]] = []
         self.stopping = threading.Event()
+        self.configured = True  # --weight-transfer-config given
+        self.print_checksums = False
+        self.session_bytes: dict[int, dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]] = {}
 
     # --------------------------------------------------------------------------------------- workers
     def _on_workers(self, work: Callable[[Worker], None], workers: list[Worker] | None = None) -> None:
@@ -312,6 +323,7 @@ class Engine:
             raise WorkerError("RuntimeError: a weight update session is already active")
         self.session = True
         self.session_tensors = {}
+        self.session_bytes = {}
 
     def update(self, update_info: Any) -> None:
         if not self.session:
@@ -356,6 +368,10 @@ class Engine:
 
         def keep(name: str, dtype_name: str, t: torch.Tensor) -> None:
             got[name] = {"dtype": dtype_name, "shape": list(t.shape), "sha256": sha256_of(t)}
+            if self.print_checksums:
+                flat = t.detach().cpu().contiguous()
+                raw = ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size()) if flat.numel() else b""
+                self.session_bytes.setdefault(w.rank, {})[name] = (t.dtype, tuple(t.shape), raw)
 
         if not packed:
             for name, dtype_name, shape in zip(names, dtype_names, shapes, strict=True):
@@ -396,6 +412,16 @@ class Engine:
         if weight_version is not None:
             self.previous_version, self.weight_version = self.weight_version, weight_version
             self.versions[weight_version] = self.session_tensors
+            if self.print_checksums:
+                for k, w in enumerate(self.workers):
+                    held = self.session_bytes.get(w.rank, {})
+                    digest = hashlib.sha256()
+                    for name in sorted(held):
+                        dtype, shape, raw = held[name]
+                        digest.update(f"{name}|{dtype}|{shape}|".encode())
+                        digest.update(raw)
+                    print(f"loaded v={weight_version} worker={k} tensors={len(held)} "
+                          f"checksum={digest.hexdigest()[:16]}", flush=True)
 
     def reported_version(self) -> str:
         return self.previous_version if self.faults.stale_version else self.weight_version
@@ -478,9 +504,14 @@ class Handler(BaseHTTPRequestHandler):
                   ("POST", "/init_weight_transfer_engine"), ("POST", "/shutdown_weight_transfer_engine"),
                   ("POST", "/start_weight_update"), ("POST", "/update_weights"), ("POST", "/finish_weight_update"),
                   ("POST", "/update_weight_version"), ("GET", "/weight_info")}
-        if (method, path) not in routes:
+        if (method, path) not in routes or not self.server.dev_mode:
             return 404, {"detail": "Not Found"}
         step = path.strip("/")
+        transfer = {"init_weight_transfer_engine", "shutdown_weight_transfer_engine", "start_weight_update",
+                    "update_weights", "finish_weight_update"}
+        if step in transfer and not engine.configured:
+            raise WorkerError("RuntimeError: Weight transfer not configured. Start the server with "
+                              "--weight-transfer-config")
         with self.server.fault_lock:
             fault = engine.faults.hit(step)
         if fault == "stall":
@@ -571,12 +602,18 @@ class _Stall(Exception):
     pass
 
 
+def dev_mode() -> bool:
+    """VLLM_SERVER_DEV_MODE as vLLM reads it: bool(int(value)); a value that is no integer raises."""
+    return bool(int(os.environ.get("VLLM_SERVER_DEV_MODE", "0")))
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], engine: Engine, log_path: str | None) -> None:
         super().__init__(address, Handler)
         self.engine = engine
+        self.dev_mode = dev_mode()
         self.log_lock = threading.Lock()
         self.fault_lock = threading.Lock()
         self.log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
@@ -597,12 +634,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-seconds", type=float, default=None, help="default: until the server stops")
     parser.add_argument("--world-size", type=int, default=None, help="report this instead of --workers")
     parser.add_argument("--stale-version", action="store_true")
+    parser.add_argument("--weight-transfer-config", default=None, metavar="JSON",
+                        help='as vllm serve: {"backend": "nccl"}; without it weight-transfer calls fail')
+    parser.add_argument("--print-checksums", action="store_true",
+                        help="print each worker's checksum of every version it finished")
     args = parser.parse_args(argv)
+    try:
+        dev_mode()
+    except ValueError as err:
+        parser.error(f"VLLM_SERVER_DEV_MODE: {err}")
+    if args.weight_transfer_config is not None:
+        config = json.loads(args.weight_transfer_config)
+        if not isinstance(config, dict) or config.get("backend", "nccl") != "nccl":
+            parser.error(f"--weight-transfer-config {args.weight_transfer_config}: this stand-in has backend nccl only")
     devices = [d for d in args.devices.split(",") if d]
     if devices and len(devices) != args.workers:
         parser.error("--devices needs one device per worker")
     faults = Faults(args.fail_at, args.stall_at, args.stall_seconds, args.world_size, args.stale_version)
     engine = Engine(args.workers, faults, args.timeout, args.comm, devices)
+    engine.configured = args.weight_transfer_config is not None
+    engine.print_checksums = args.print_checksums
     server = Server((args.host, args.port), engine, args.log)
     print(f"LISTENING {server.server_address[1]}", flush=True)
     try:

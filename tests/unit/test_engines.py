@@ -87,3 +87,15 @@ def test_a_templates_own_readiness_probe_and_dev_mode_are_kept() -> None:
     assert [e for e in engine["env"] if e["name"] == "VLLM_SERVER_DEV_MODE"] == [
         {"name": "VLLM_SERVER_DEV_MODE", "value": "2"}
     ]
+
+
+def test_the_guides_example_manifest_is_a_valid_vllm_group() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "vllm.yaml").read_text())
+    spec = parse_spec(doc["spec"])
+    assert spec.transport.protocol == "vllm" and spec.transport.backend == "nccl"
+    assert engines.vllm_problems(spec) == []
+    assert spec.world_size == 1 + 2 * 4
