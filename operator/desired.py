@@ -35,7 +35,7 @@ from weightsync.contract import (
 )
 
 from . import constants as c
-from . import engines, names
+from . import engines, names, security
 
 Obj = dict[str, Any]
 
@@ -289,6 +289,7 @@ def pod(group: Group, slot: Slot) -> Obj:
     if slot.role == "inference" and group.spec.transport.protocol == "vllm":
         engines.add_engine_wiring(spec["containers"][0], group.spec)
     _add_rdma(spec["containers"], group.spec.network.rdma_resource, group.spec.network.rdma_count)
+    security.harden(spec, group.spec.network.rdma_resource)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 #: package directory -> its import name (setup's package-dir)
 PACKAGES = {"operator": "weightsync.operator", "runtime": "weightsync.runtime", "sandbox": "weightsync.sandbox",
             "weightsync": "weightsync"}  # fmt: skip
-PURE_OPERATOR = ("constants", "names", "engines", "observed", "decision", "shared", "membership", "members", "status",
-                 "plan", "desired", "sync_report", "timefmt", "rbac", "scheduler")  # fmt: skip
 CLIENTS = ("kopf", "kubernetes")
-OPERATOR_IO = ("weightsync.operator.kube", "weightsync.operator.handlers", "weightsync.operator.reconcile",
-               "weightsync.operator.metrics", "weightsync.operator.__main__")  # fmt: skip
+#: The operator's I/O layer; every other module of it is pure, new ones included.
+IO_MODULES = ("kube", "handlers", "reconcile", "metrics", "informer", "__main__")
+OPERATOR_IO = tuple(f"weightsync.operator.{m}" for m in IO_MODULES)
+PURE_OPERATOR = sorted(p.stem for p in (ROOT / "operator").glob("*.py") if p.stem not in IO_MODULES)
 
 
 def imports_of(path: Path, package: str) -> set[str]:
