@@ -150,6 +150,32 @@ def secret(group: Group, token: str) -> Obj:
     }
 
 
+#: The operator's own pods, as the chart labels them (any namespace).
+OPERATOR_POD_LABELS = {"app.kubernetes.io/part-of": "weightsync", "app.kubernetes.io/component": "operator"}
+
+
+def network_policy(group: Group) -> Obj:
+    """Ingress to the group's pods only from the group's pods (every port: the rendezvous, gloo's and NCCL's
+    data connections on ephemeral ports, the engines' HTTP API) and from the operator's pods (the Service's
+    ports). Egress is left alone (DNS, the API server, the user's own services)."""
+    group_pods = {"matchLabels": {c.NAME_LABEL: group.name}}
+    ports = [{"port": p["port"], "protocol": "TCP"} for p in service_ports(group.spec)]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(group, names.network_policy_name(group.name)),
+        "spec": {
+            "podSelector": group_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": group_pods}]},
+                {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}],
+                 "ports": ports},
+            ],
+        },
+    }
+
+
 def trainer_service_account(spec: WeightSyncSpec) -> str:
     pod_spec = spec.trainer.template.get("spec", {})
     return str(pod_spec.get("serviceAccountName") or pod_spec.get("serviceAccount") or "default")

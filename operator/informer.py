@@ -1,6 +1,7 @@
 """Watches of the operator's children, kept as in-memory caches: list once, then follow the watch stream.
 
-Each `Informer` is one list+watch of one kind (pods, services, secrets, roles or rolebindings), with the
+Each `Informer` is one list+watch of one kind (pods, services, secrets, roles, rolebindings or
+networkpolicies), with the
 operator's label selector applied by the API server (`app.kubernetes.io/managed-by=weightsync-operator`),
 in every namespace or in each watched one. It holds the objects as the API server spells them, calls
 `on_change(namespace, group)` for every added, changed or deleted object of a group, and re-lists after a
@@ -191,13 +192,15 @@ def _lines(response: Any) -> Iterator[Obj]:
 
 def informers(api: client.ApiClient, namespaces: list[str], on_change: OnChange) -> dict[str, list[Informer]]:
     """One informer per kind and namespace (or per kind, cluster-wide, when `namespaces` is empty)."""
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core, rbac, networking = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api), client.NetworkingV1Api(api)
     kinds: dict[str, tuple[Callable[..., Any], Callable[..., Any], bool]] = {
         "pods": (core.list_namespaced_pod, core.list_pod_for_all_namespaces, False),
         "services": (core.list_namespaced_service, core.list_service_for_all_namespaces, False),
         "secrets": (core.list_namespaced_secret, core.list_secret_for_all_namespaces, True),
         "roles": (rbac.list_namespaced_role, rbac.list_role_for_all_namespaces, False),
         "rolebindings": (rbac.list_namespaced_role_binding, rbac.list_role_binding_for_all_namespaces, False),
+        "networkpolicies": (networking.list_namespaced_network_policy,
+                            networking.list_network_policy_for_all_namespaces, False),
     }
     out: dict[str, list[Informer]] = {}
     for kind, (namespaced, everywhere, metadata_only) in kinds.items():

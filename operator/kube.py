@@ -82,6 +82,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
         self.children = children
         self.weightsyncs = weightsyncs
         self.writes = 0
@@ -129,6 +130,8 @@ class Kube:
             secret=self._meta_only(cache.get("secrets", ns, names.secret_name(name)) or self._secret(ns, name, True)),
             role=read("roles", names.report_role_name(name), self.rbac.read_namespaced_role),
             role_binding=read("rolebindings", names.report_role_name(name), self.rbac.read_namespaced_role_binding),
+            network_policy=read("networkpolicies", names.network_policy_name(name),
+                                self.networking.read_namespaced_network_policy),
         )
 
     def _observe_live(self, ws: WeightSyncObject) -> Observed:
@@ -145,6 +148,8 @@ class Kube:
             role_binding=self._raw(
                 self.rbac.read_namespaced_role_binding, names.report_role_name(name), ns, _preload_content=False
             ),
+            network_policy=self._raw(self.networking.read_namespaced_network_policy,
+                                     names.network_policy_name(name), ns, _preload_content=False),
         )
 
     def _secret(self, ns: str, ws: str, missed: bool = False) -> Obj | None:
@@ -244,6 +249,7 @@ class Kube:
             "Secret": self.core.create_namespaced_secret,
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }
         extra = {"dry_run": "All"} if dry_run else {}
         creators[kind](ns, obj, field_manager=c.OPERATOR_NAME, _preload_content=False, **extra)
@@ -254,6 +260,7 @@ class Kube:
             "Service": self.core.patch_namespaced_service,
             "Role": self.rbac.patch_namespaced_role,
             "RoleBinding": self.rbac.patch_namespaced_role_binding,
+            "NetworkPolicy": self.networking.patch_namespaced_network_policy,
         }
         patchers[action.kind](
             action.name,

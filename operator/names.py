@@ -24,6 +24,11 @@ def inference_pod_name(ws: str, replica: int) -> str:
     return f"{ws}-inference-{replica}"
 
 
+def network_policy_name(ws: str) -> str:
+    """The NetworkPolicy of the group's pods: `<ws>`."""
+    return ws
+
+
 def report_role_name(ws: str) -> str:
     """Role (and RoleBinding) letting the trainer patch its own pod with its sync report."""
     return f"{ws}-trainer-report"

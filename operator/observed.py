@@ -86,6 +86,7 @@ class Observed:
     secret: Obj | None = None
     role: Obj | None = None
     role_binding: Obj | None = None
+    network_policy: Obj | None = None
     #: The creates the API server refused in a dry run of this reconcile's plan.
     rejections: tuple[Rejection, ...] = ()
 

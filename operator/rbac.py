@@ -46,6 +46,12 @@ REQUIRED_RULES: list[Rule] = [
         "resources": ["roles", "rolebindings"],
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
+    # the group's NetworkPolicy: an informer watches it; get when the watch lacks it; created, repaired.
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
 ]
 
 #: kopf peering (unless --standalone): kopf lists and watches the peering object and patches its own entry

@@ -1,4 +1,5 @@
-"""Planning step: the group's shared children (headless Service, token Secret, report Role and RoleBinding).
+"""Planning step: the group's shared children (headless Service, token Secret, report Role and RoleBinding,
+NetworkPolicy).
 
 Pure. A missing child is created, a drifted one repaired, and one of our name that this WeightSync does not
 control (no controller reference to its uid) is never adopted, changed or deleted: it is reported as a
@@ -102,4 +103,15 @@ def shared_children(group: desired.Group, observed: Observed, token: str, member
             if patch:
                 event = Event("Normal", c.REASON_UPDATED, f"repaired {kind} {role_name}")
                 actions.append(Patch(kind, role_name, patch, event))
+    if group.spec.network.network_policy:
+        policy = desired.network_policy(group)
+        policy_name = policy["metadata"]["name"]
+        if observed.network_policy is None:
+            event = Event("Normal", c.REASON_CREATED, f"created NetworkPolicy {policy_name}")
+            actions.append(Create(policy, event))
+        elif not is_owned(observed.network_policy, group.uid):
+            conflicts.append(_conflict("NetworkPolicy", policy_name, observed.network_policy))
+        elif observed.network_policy.get("spec") != policy["spec"]:
+            event = Event("Normal", c.REASON_UPDATED, f"repaired NetworkPolicy {policy_name}")
+            actions.append(Patch("NetworkPolicy", policy_name, {"spec": policy["spec"]}, event))
     return Shared(actions, conflicts, secret_uid)

@@ -56,6 +56,7 @@ class Cluster:
             secret=self.others.get("Secret"),
             role=self.others.get("Role"),
             role_binding=self.others.get("RoleBinding"),
+            network_policy=self.others.get("NetworkPolicy"),
         )
 
     def plan(self) -> Decision:
@@ -118,7 +119,7 @@ def test_fresh_object_creates_the_shared_children_then_every_member_once() -> No
     cl = Cluster(spec(replicas=3, workers=2))
     p = cl.step()
     kinds = [a.obj["kind"] for a in p.actions if isinstance(a, Create)]
-    assert kinds == ["Service", "Secret", "Role", "RoleBinding"]
+    assert kinds == ["Service", "Secret", "Role", "RoleBinding", "NetworkPolicy"]
     assert p.requeue_after == 0.0, "members follow at once, made with the new Secret's uid"
     assert p.status["phase"] == "Pending"
     p = cl.plan()
@@ -519,7 +520,7 @@ def ready_reason(status: dict[str, Any]) -> tuple[str, str]:
     return ready["reason"], ready["message"]
 
 
-@pytest.mark.parametrize("kind", ["Service", "Secret", "Role", "RoleBinding"])
+@pytest.mark.parametrize("kind", ["Service", "Secret", "Role", "RoleBinding", "NetworkPolicy"])
 def test_a_shared_child_we_did_not_make_is_never_adopted_and_holds_the_members(kind: str) -> None:
     cl = Cluster(spec())
     cl.step()
@@ -595,7 +596,7 @@ def test_replace_strategy_rolls_every_stale_member_at_once_for_one_epoch() -> No
     assert final.status["phase"] == "Ready" and final.status["epoch"] == 1 and final.status["restarts"] == 0
 
 
-@pytest.mark.parametrize("kind", ["Service", "Role", "RoleBinding"])
+@pytest.mark.parametrize("kind", ["Service", "Role", "RoleBinding", "NetworkPolicy"])
 def test_recreating_a_shared_child_does_not_flap_a_ready_group(kind: str) -> None:
     cl = ready_cluster()
     del cl.others[kind]
@@ -666,5 +667,6 @@ def test_observe_pod_reads_why_a_pod_cannot_start() -> None:
 
 def test_members_waiting_for_the_secret_are_dry_run_with_it() -> None:
     p = Cluster(spec(replicas=2)).plan()
-    assert [a.kind for a in p.actions if isinstance(a, Create)] == ["Service", "Secret", "Role", "RoleBinding"]
+    assert [a.kind for a in p.actions if isinstance(a, Create)] == [
+        "Service", "Secret", "Role", "RoleBinding", "NetworkPolicy"]  # fmt: skip
     assert sorted(x.name for x in p.probes) == ["ws-inference-0", "ws-inference-1", "ws-trainer-0"]

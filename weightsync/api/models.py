@@ -336,6 +336,13 @@ class NetworkSpec(_Model):
     rdma_count: int = Field(
         default=1, ge=1, le=16, description="How many rdmaResource devices each member gets."
     )
+    network_policy: bool = Field(
+        default=True,
+        description="Create a NetworkPolicy `<name>` admitting traffic to the group's pods only from the group's "
+        "own pods (rendezvous, data and, for protocol vllm, the engines' HTTP port) and from the weightsync "
+        "operator. Policies add up: admit your own clients (an inference gateway) with a policy of yours. "
+        "hostNetwork pods are not subject to NetworkPolicy.",
+    )
 
     @field_validator("rdma_resource")
     @classmethod

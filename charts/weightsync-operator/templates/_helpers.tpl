@@ -106,6 +106,10 @@ all namespaces are watched, by a Role in each namespace otherwise.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The group's NetworkPolicy (ingress only from the group's pods and the operator): watched, created, repaired.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- if and .Values.peering.enabled .Values.watchNamespaces }}
 # kopf peering in each watched namespace: kopf watches the KopfPeering and patches its own entry (it never
 # reads one by name: no get).
