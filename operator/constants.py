@@ -14,7 +14,7 @@ OPERATOR_NAME = "weightsync-operator"
 NAME_LABEL = "weightsync.dev/name"
 #: `trainer` or `inference` (member pods only).
 ROLE_LABEL = "weightsync.dev/role"
-#: Replica index of an inference pod (`0` for the trainer).
+#: Replica index of an inference pod; a trainer pod's index in the trainer's job.
 REPLICA_LABEL = "weightsync.dev/replica"
 #: Standard labels, for tools that group by app.
 APP_NAME_LABEL = "app.kubernetes.io/name"

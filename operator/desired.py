@@ -71,7 +71,7 @@ class Slot:
 def slots(name: str, spec: WeightSyncSpec) -> list[Slot]:
     """The members, trainer first then replicas in order; replica r has rank offset 1 + r x workers."""
     workers = spec.inference.workers_per_replica
-    out = [Slot(names.trainer_pod_name(name), "trainer", 0, 0, 1)]
+    out = [Slot(names.trainer_pod_name(name, i), "trainer", i, 0, 1) for i in range(spec.trainer.pods)]
     out += [
         Slot(names.inference_pod_name(name, r), "inference", r, 1 + r * workers, workers)
         for r in range(spec.inference.replicas)
@@ -240,6 +240,9 @@ def member_env(group: Group, slot: Slot) -> MemberEnv:
         epoch=group.epoch,
         checksums=spec.transport.checksums,
         endpoints=tuple(endpoints(group)) if slot.role == "trainer" else (),
+        trainer_pods=spec.trainer.pods if slot.role == "trainer" else 1,
+        trainer_pod_index=slot.replica if slot.role == "trainer" else 0,
+        trainer_ranks_per_pod=spec.trainer.ranks_per_pod if slot.role == "trainer" else 1,
         engine_port=spec.engine.port,
         vllm_pause_mode=spec.engine.pause_mode,
         vllm_rendezvous=spec.engine.rendezvous,

@@ -85,10 +85,8 @@ def membership(
         current, why = member_is_current(p, hashes[by_name[n].role], secret_uid)
         if not current:
             stale[n] = why
-    token_stale = {n: why for n, why in stale.items() if "token" in why}
-    replacing = spec.update_strategy.type == "Replace"
-    replace = dict(stale) if replacing else token_stale
-    out_of_date = {n: why for n, why in stale.items() if n not in replace}
+    failed = sorted(n for n, p in terminated.items() if n in by_name and (n in recorded or (p.epoch or 0) >= old_epoch))
+    gone = sorted(n for n in recorded if n in by_name and n not in live and n not in terminated)
 
     def went_out_of_date(n: str) -> bool:
         """A recorded member that is gone (or going) and was out of date: the user rolled it."""
@@ -98,10 +96,18 @@ def membership(
             return not current
         return recorded[n].up_to_date is False
 
-    failed = sorted(n for n, p in terminated.items() if n in by_name and (n in recorded or (p.epoch or 0) >= old_epoch))
-    gone = sorted(n for n in recorded if n in by_name and n not in live and n not in terminated)
     changed = [n for n in gone if went_out_of_date(n)]
     lost = [n for n in gone if n not in changed]
+
+    token_stale = {n: why for n, why in stale.items() if "token" in why}
+    replacing = spec.update_strategy.type == "Replace"
+    replace = dict(stale) if replacing else token_stale
+    trainer_pods = [s.pod for s in slots if s.role == "trainer"]
+    trainer_losses = [n for n in (*failed, *lost, *changed) if n in trainer_pods]
+    if trainer_losses and len(trainer_pods) > 1:  # the trainer's job is lost with any of its pods
+        why = f"the trainer's job lost {', '.join(trainer_losses)}: its pods are re-created together"
+        replace.update({n: why for n in trainer_pods if n in live})
+    out_of_date = {n: why for n, why in stale.items() if n not in replace}
     replaced_now = sorted(n for n in replace if n in recorded)
     scaled = old_world is not None and old_world != spec.world_size
     failures = len(failed) + len(lost)

@@ -16,8 +16,9 @@ def secret_name(ws: str) -> str:
     return f"{ws}-token"
 
 
-def trainer_pod_name(ws: str) -> str:
-    return f"{ws}-trainer-0"
+def trainer_pod_name(ws: str, index: int = 0) -> str:
+    """Trainer pod `index` of the trainer's job; pod 0 holds the sync group's rank 0."""
+    return f"{ws}-trainer-{index}"
 
 
 def inference_pod_name(ws: str, replica: int) -> str:

@@ -242,6 +242,8 @@ def group_status(
         replicas=sum(1 for n in [*m.live, *m.extra] if n.startswith(f"{name}-inference-")),
         selector=f"{c.NAME_LABEL}={name},{c.ROLE_LABEL}=inference",
         ready=f"{ready_count}/{desired_count}",
+        trainer_ready=f"{sum(1 for x in members if x.role == 'trainer' and x.ready)}/"
+        f"{sum(1 for s in m.slots if s.role == 'trainer')}",
         members=members,
         restarts=m.restarts,
         last_failure_time=m.last_failure,

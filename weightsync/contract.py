@@ -72,6 +72,9 @@ MIN_BUFFER_BYTES = 1 << 16
 MAX_BUFFER_BYTES = 1 << 36
 #: spec.transport.numBuffers: 1 to 8.
 MAX_NUM_BUFFERS = 8
+#: spec.trainer.pods and spec.trainer.ranksPerPod: the trainer's own job, at most 64 pods of 64 ranks.
+MAX_TRAINER_PODS = 64
+MAX_TRAINER_RANKS_PER_POD = 64
 #: spec.inference.workersPerReplica: at most 64 workers (ranks) in one pod.
 MAX_LOCAL_WORLD_SIZE = 64
 #: 1 + spec.inference.replicas (at most 512) x spec.inference.workersPerReplica (at most 64).
@@ -173,6 +176,25 @@ class MemberEnv(BaseModel):
         description="Downward-API file with the pod's annotations, read for the current epoch.",
     )
     checksums: bool = Field(default=False, description="Verify a checksum of every chunk on every receiver.")
+    trainer_pods: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_TRAINER_PODS,
+        description="Trainer only: pods of the trainer's own job (torchrun --nnodes); pod 0, at "
+        "WEIGHTSYNC_MASTER_ADDR, is its rendezvous endpoint and holds the sync group's rank 0.",
+    )
+    trainer_pod_index: int = Field(
+        default=0,
+        ge=0,
+        lt=MAX_TRAINER_PODS,
+        description="Trainer only: this pod's index in the trainer's job (torchrun --node-rank).",
+    )
+    trainer_ranks_per_pod: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_TRAINER_RANKS_PER_POD,
+        description="Trainer only: ranks of the trainer's job in each trainer pod (torchrun --nproc-per-node).",
+    )
     endpoints: tuple[str, ...] = Field(
         default=(),
         description="Trainer only: the inference pods' DNS names, comma-separated, in replica order.",
@@ -214,6 +236,11 @@ class MemberEnv(BaseModel):
             )
         if self.role == "trainer" and (self.rank_offset, self.local_world_size) != (0, 1):
             raise ValueError("the trainer is rank 0 alone: WEIGHTSYNC_RANK_OFFSET=0, WEIGHTSYNC_LOCAL_WORLD_SIZE=1")
+        if self.trainer_pod_index >= self.trainer_pods:
+            raise ValueError(
+                f"WEIGHTSYNC_TRAINER_POD_INDEX ({self.trainer_pod_index}) must be below WEIGHTSYNC_TRAINER_PODS "
+                f"({self.trainer_pods})"
+            )
         if self.role == "inference" and self.rank_offset == 0:
             raise ValueError("rank 0 belongs to the trainer: an inference pod needs WEIGHTSYNC_RANK_OFFSET >= 1")
         return self

@@ -549,3 +549,28 @@ def test_peering_lets_only_the_highest_priority_operator_act(
     finally:
         low.stop()
         high.stop()
+
+
+def test_a_trainer_of_two_pods_is_re_created_together_when_one_dies(
+    sandbox: Sandbox, namespace: str, operator: OperatorProcess
+) -> None:
+    body = manifest(replicas=2)
+    body["spec"]["trainer"]["pods"] = 2
+    body["spec"]["trainer"]["ranksPerPod"] = 4
+    apply(sandbox, namespace, body)
+    st = wait_ready(sandbox, namespace, 0, 4)
+    assert st["trainerReady"] == "2/2"
+    before = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
+    env = env_of(pods(sandbox, namespace)["ws-trainer-1"])
+    job = ("WEIGHTSYNC_TRAINER_PODS", "WEIGHTSYNC_TRAINER_POD_INDEX", "WEIGHTSYNC_TRAINER_RANKS_PER_POD")
+    assert [env[k] for k in job] == ["2", "1", "4"]
+    assert env["WEIGHTSYNC_MASTER_ADDR"] == f"ws-trainer-0.ws.{namespace}.svc.cluster.local"
+
+    sandbox.kubectl("annotate", "pod", "ws-trainer-1", "-n", namespace, f"{FAIL_ANNOTATION}=true")
+    st = wait_ready(sandbox, namespace, 1, 4)
+    assert st["restarts"] == 1
+    after = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
+    assert after["ws-trainer-0"] != before["ws-trainer-0"] and after["ws-trainer-1"] != before["ws-trainer-1"]
+    assert {n: after[n] for n in ("ws-inference-0", "ws-inference-1")} == {
+        n: before[n] for n in ("ws-inference-0", "ws-inference-1")}, "the engines re-joined in place"  # fmt: skip
+    wait_for(lambda: epoch_seen(sandbox, namespace, "ws-inference-0", 1), TIMEOUT_S, "an engine to see epoch 1")

@@ -69,6 +69,8 @@ class Cluster:
 
     def act(self, p: Decision) -> None:
         for a in p.actions:
+            if a.event is not None:
+                self.events.append(f"{a.event.reason}: {a.event.message}")
             if isinstance(a, Create):
                 kind = a.obj["kind"]
                 if kind == "Pod":
@@ -670,3 +672,46 @@ def test_members_waiting_for_the_secret_are_dry_run_with_it() -> None:
     assert [a.kind for a in p.actions if isinstance(a, Create)] == [
         "Service", "Secret", "Role", "RoleBinding", "NetworkPolicy"]  # fmt: skip
     assert sorted(x.name for x in p.probes) == ["ws-inference-0", "ws-inference-1", "ws-trainer-0"]
+
+
+# --- a trainer of several pods ---------------------------------------------------------------------------
+
+
+def test_a_trainer_job_of_several_pods_gets_its_torchrun_env() -> None:
+    from weightsync.operator import desired
+
+    from weightsync.api.models import parse_spec
+
+    body = spec(replicas=2)
+    body["trainer"] = {**body["trainer"], "pods": 3, "ranksPerPod": 8}
+    group = desired.Group("ws", "ns", UID, parse_spec(body))
+    made = desired.pods(group)
+    assert sorted(made) == ["ws-inference-0", "ws-inference-1", "ws-trainer-0", "ws-trainer-1", "ws-trainer-2"]
+    env = {e["name"]: e.get("value") for e in made["ws-trainer-2"]["spec"]["containers"][0]["env"]}
+    job = ("WEIGHTSYNC_TRAINER_PODS", "WEIGHTSYNC_TRAINER_POD_INDEX", "WEIGHTSYNC_TRAINER_RANKS_PER_POD")
+    assert [env[k] for k in job] == ["3", "2", "8"]
+    assert env["WEIGHTSYNC_MASTER_ADDR"] == "ws-trainer-0.ws.ns.svc.cluster.local", "pod 0 is the job's endpoint"
+    pod_spec = made["ws-trainer-2"]["spec"]
+    assert (pod_spec["hostname"], pod_spec["subdomain"]) == ("ws-trainer-2", "ws")
+    assert env["WEIGHTSYNC_WORLD_SIZE"] == "3", "the sync group: the trainer's rank 0 plus the engines"
+    inference = {e["name"]: e.get("value") for e in made["ws-inference-1"]["spec"]["containers"][0]["env"]}
+    assert inference["WEIGHTSYNC_RANK_OFFSET"] == "2"
+
+
+def test_a_lost_trainer_pod_re_creates_the_whole_trainer_job_and_the_engines_stay() -> None:
+    body = spec(replicas=2, failurePolicy={"maxRestarts": 5})
+    body["trainer"] = {**body["trainer"], "pods": 2}
+    cl = Cluster(body)
+    cl.converge()
+    assert cl.status["phase"] == "Ready" and cl.status["trainerReady"] == "2/2"
+    seen = len(cl.events)
+    cl.pods["ws-trainer-1"] = replace(cl.pods["ws-trainer-1"], phase="Failed", ready=False)
+    p = cl.step()
+    assert sorted(a.name for a in p.actions if isinstance(a, Delete)) == ["ws-trainer-0", "ws-trainer-1"]
+    assert p.status["restarts"] == 1, "one failure, however many pods the job loses with it"
+    assert p.status["epoch"] == 1
+    final = cl.converge()
+    assert final.status["phase"] == "Ready" and final.status["restarts"] == 1 and final.status["epoch"] == 1
+    acted_on = [e for e in cl.events[seen:] if "inference" in e and ("created" in e or "deleted" in e)]
+    assert acted_on == [], "the engines re-joined in place"
+    assert {p.annotations[EPOCH_ANNOTATION] for p in cl.pods.values()} == {"1"}

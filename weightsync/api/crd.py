@@ -43,6 +43,13 @@ PRINTER_COLUMNS = (
         "jsonPath": ".status.ready",
         "description": "Ready members / members.",
     },
+    {
+        "name": "Trainer",
+        "type": "string",
+        "jsonPath": ".status.trainerReady",
+        "description": "Ready trainer pods / trainer pods.",
+        "priority": 1,
+    },
     {"name": "Epoch", "type": "integer", "jsonPath": ".status.epoch", "description": "Group epoch."},
     {
         "name": "Version",

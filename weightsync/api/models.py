@@ -28,6 +28,8 @@ from weightsync.contract import (
     DEFAULT_NUM_BUFFERS,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT_SECONDS,
+    MAX_TRAINER_PODS,
+    MAX_TRAINER_RANKS_PER_POD,
     Backend,
     Protocol,
     VllmPauseMode,
@@ -234,9 +236,29 @@ class _Model(BaseModel):
 
 
 class TrainerSpec(_Model):
-    """The trainer: one pod, rank 0 of the sync group, the sender of the weights."""
+    """The trainer: one pod, or a job of several (FSDP across nodes); its rank 0 is the sync group's rank 0,
+    the sender of the weights."""
 
     template: TrainerTemplate
+    pods: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_TRAINER_PODS,
+        description="Pods of the trainer's own job (`<name>-trainer-0` ... `-<pods-1>`, each with a stable DNS "
+        "name under the group's Service). Each gets WEIGHTSYNC_TRAINER_PODS, WEIGHTSYNC_TRAINER_POD_INDEX and "
+        "WEIGHTSYNC_TRAINER_RANKS_PER_POD for `torchrun --nnodes --node-rank`, with pod 0 "
+        "(WEIGHTSYNC_MASTER_ADDR) as the rendezvous endpoint. A lost trainer pod loses the job: every trainer pod "
+        "is re-created, together, at a new epoch. Immutable.",
+        json_schema_extra=immutable("spec.trainer.pods"),
+    )
+    ranks_per_pod: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_TRAINER_RANKS_PER_POD,
+        description="Ranks (GPUs) of the trainer's job in each trainer pod (torchrun's --nproc-per-node). "
+        "Immutable.",
+        json_schema_extra=immutable("spec.trainer.ranksPerPod"),
+    )
 
 
 class InferenceSpec(_Model):
@@ -633,6 +655,9 @@ class WeightSyncStatus(_StatusModel):
         default=None, description="Label selector of the inference pods (for the scale subresource)."
     )
     ready: str | None = Field(default=None, description="Ready members out of desired members, as 'n/m'.")
+    trainer_ready: str | None = Field(
+        default=None, description="Ready trainer pods out of spec.trainer.pods, as 'n/m'."
+    )
     members: list[Member] = Field(default_factory=list, description="The member pods that exist.")
     restarts: int | None = Field(default=None, description="Member failures so far (see failurePolicy).")
     last_failure_time: str | None = Field(
