@@ -185,3 +185,39 @@ def test_an_unschedulable_member_is_named_in_the_ready_condition(
     message = condition(st, "Ready")["message"]
     assert "ws-inference-0 cannot start: Unschedulable" in message and "cpu" in message, message
     assert events(sandbox, namespace, c.REASON_WAITING)
+
+
+def _with_container(**extra: Any) -> dict[str, Any]:
+    t = template()
+    t["spec"]["containers"][0].update(extra)
+    return t
+
+
+REFUSED_BY_THE_API_SERVER = [
+    ("upper-case-container-name", {"inference_template": _with_container(name="Engine")}, "spec.containers[0].name"),
+    ("two-containers-one-name", {"inference_template": {"spec": {"containers": [
+        template()["spec"]["containers"][0], template()["spec"]["containers"][0]]}}}, "spec.containers[1].name"),
+    ("volume-named-like-ours", {"trainer_template": {"spec": {**template()["spec"], "volumes": [
+        {"name": "weightsync-podinfo", "emptyDir": {}}]}}}, "spec.volumes[1].name"),
+    ("mount-over-ours", {"trainer_template": {"spec": {**template(volumes=[{"name": "v", "emptyDir": {}}])["spec"],
+        "containers": [{**template()["spec"]["containers"][0],
+                        "volumeMounts": [{"name": "v", "mountPath": "/etc/weightsync/podinfo"}]}]}}},
+     "mountPath"),
+    ("invalid-label-value", {"trainer_template": {"metadata": {"labels": {"team": "a b"}}, **template()}},
+     "metadata.labels"),
+    ("nccl-env-not-a-name", {"network": {"ncclEnv": {"NCCL_X=Y": "1"}}}, "Invalid value: \"NCCL_X=Y\""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "spec", "field"), REFUSED_BY_THE_API_SERVER, ids=[c[0] for c in REFUSED_BY_THE_API_SERVER]
+)
+def test_each_template_the_api_server_refuses_fails_the_group_naming_the_field(
+    sandbox: Sandbox, namespace: str, operator: OperatorProcess, case: str, spec: dict[str, Any], field: str
+) -> None:
+    apply(sandbox, namespace, manifest(**spec))
+    st = wait_status(sandbox, namespace, "Failed", lambda s: s.get("phase") == "Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == c.REASON_INVALID_CHILD and field in failed["message"], failed
+    assert pods(sandbox, namespace) == {}
+    wait_for(lambda: events(sandbox, namespace, c.REASON_INVALID_CHILD), TIMEOUT_S, "an InvalidChild event")
