@@ -177,11 +177,13 @@ class SyncGroup:
         `deadline` bounds forming (default: the timeout from now). `idle`, for a receiver waiting for the
         next sync, makes the wait for the trainer's next formation last as long as `idle` does not raise.
         """
-        started = time.monotonic()
-        deadline = deadline if deadline is not None else started + self.timeout
+        given = deadline
         self.formation_seconds = 0.0
         try:
             while True:
+                # Each formation gets the whole timeout: a member that follows the trainer into its next
+                # formation (the last one moved on) must not give up on the new one with the old one's clock.
+                deadline = given if given is not None else time.monotonic() + self.timeout
                 try:
                     target = self._formation_wanted(deadline, idle)
                     if target is None:
