@@ -25,6 +25,8 @@ checkpoint to resume from (a volume; not done here).
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import itertools
 import logging
 import os
 import signal
@@ -36,10 +38,11 @@ import zlib
 import demo_log
 import torch
 from demo_model import build_model, checksum, checksum_of, probe, train_step
-from weightsync.runtime import ConfigMismatchError, SyncReport, WeightSender, WeightSyncError
+from weightsync.runtime import ConfigMismatchError, RendezvousError, SyncReport, WeightSender, WeightSyncError
 
 #: Consecutive failed attempts at one sync before the trainer gives up (its pod then fails and the
-#: operator re-creates it, within the WeightSync's failurePolicy).
+#: operator re-creates it, within the WeightSync's failurePolicy); members still arriving at the group's
+#: first formation do not count (see `sync`).
 MAX_ATTEMPTS = 5
 
 
@@ -70,8 +73,14 @@ def weights(sender: WeightSender, model: torch.nn.Module) -> list[tuple[str, tor
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
     """Send the model's state as `version`, re-trying when the sync fails: the group re-forms (by itself, or at
     the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
-    configuration that can never work (a mismatch) ends it."""
-    for attempt in range(1, MAX_ATTEMPTS + 1):
+    configuration that can never work (a mismatch) ends it, or MAX_ATTEMPTS failures in a row.
+
+    Until the group has formed once, members that have not arrived yet are not a failure: their pods may
+    still be starting (a busy node, an image pull, pending resources; the operator's Ready condition says
+    which), and a trainer that gave up would only be re-created to wait again, at the cost of a restart."""
+    failures = 0
+    for attempt in itertools.count(1):
+        log(f"sending v={version} (attempt {attempt})")  # fault tests time their faults by this line
         try:
             return sender.send(weights(sender, model), version=version)
         except ConfigMismatchError:
@@ -79,9 +88,14 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
         except WeightSyncError as err:
             if _stopping:
                 raise SystemExit(0) from None
-            log(f"sync v={version} failed (attempt {attempt}/{MAX_ATTEMPTS}): {err}")
-            if attempt < MAX_ATTEMPTS:
-                log("re-forming the group and sending again")
+            arriving = (sender.last_report is None and isinstance(err, RendezvousError)  # members missing,
+                        and bool(err.missing_ranks) and 0 not in err.missing_ranks)  # not its own store
+            failures += 0 if arriving else 1
+            log(f"sync v={version} failed (attempt {attempt}, failure {failures}/{MAX_ATTEMPTS}): {err}")
+            if failures >= MAX_ATTEMPTS:
+                break
+            log("the group never formed yet: waiting for its members" if arriving
+                else "re-forming the group and sending again")
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
 
 
@@ -108,6 +122,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, on_sigterm)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack to the log
 
     seed = args.seed if args.seed is not None else zlib.crc32(f"{socket.gethostname()}-{time.time_ns()}".encode())
     model = build_model(seed)
