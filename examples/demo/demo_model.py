@@ -8,12 +8,17 @@ sync packs the small tensors into shared buffers and sends the large ones on the
 Both sides fingerprint what they hold the same way: `checksum` hashes every tensor's name, dtype, shape
 and bytes; `probe` runs the model on a fixed input and hashes the logits. Equal fingerprints for one
 version mean the inference worker holds exactly the trainer's weights and computes the same function.
+
+Ballast (`DEMO_BALLAST_MB` in both pods' env, default 0): that many MiB of extra float32 buffers, 64 KiB
+each, changed by every training step and covered by the checksum, so that a sync takes long enough for a
+fault test to act in the middle of its broadcast (the bare model's sync is over in a fraction of a second).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 from collections.abc import Iterable
 
 import torch
@@ -25,6 +30,8 @@ DIM = 128
 SEQ = 16
 LAYERS = 2
 HEADS = 4
+#: Elements of one ballast tensor (64 KiB of float32: two fit in one of the demo's 128 KiB packing buffers).
+BALLAST_ELEMENTS = 16 * 1024
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -53,7 +60,7 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ballast_mb: int = 0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.pos = nn.Parameter(torch.zeros(SEQ, DIM, dtype=torch.float16))
@@ -62,6 +69,9 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
         self.register_buffer("causal_mask", torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.ballast = [f"ballast_{i}" for i in range(ballast_mb * 16)]
+        for key in self.ballast:
+            self.register_buffer(key, torch.randn(BALLAST_ELEMENTS))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) + self.pos[: tokens.shape[1]].float()
@@ -70,10 +80,16 @@ class TinyLM(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def build_model(seed: int) -> TinyLM:
-    """A freshly initialised model; different seeds give different weights."""
+def ballast_mb() -> int:
+    """MiB of ballast both sides add to the model (DEMO_BALLAST_MB; see the module's docstring)."""
+    return int(os.environ.get("DEMO_BALLAST_MB") or 0)
+
+
+def build_model(seed: int, ballast: int | None = None) -> TinyLM:
+    """A freshly initialised model; different seeds give different weights. `ballast`: MiB of ballast
+    (default: DEMO_BALLAST_MB)."""
     torch.manual_seed(seed)
-    model = TinyLM()
+    model = TinyLM(ballast_mb() if ballast is None else ballast)
     with torch.no_grad():
         model.pos.normal_(0, 0.02)
     return model
@@ -98,6 +114,8 @@ def train_step(model: TinyLM, optimizer: torch.optim.Optimizer, step: int, seed:
     optimizer.step()
     with torch.no_grad():
         model.steps += 1
+        for key in model.ballast:  # a new version of the ballast too: a worker holding an older one differs
+            getattr(model, key).add_(1.0)
     return float(loss.detach())
 
 

@@ -25,6 +25,7 @@ container's line by line (demo_log.py): two workers' lines never become one line
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -63,6 +64,7 @@ def run_worker(local_rank: int) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack to the log
     receiver = WeightReceiver.from_env(local_rank=local_rank)
     name = f"inference {socket.gethostname()} worker {local_rank} rank {receiver.rank}"
 
@@ -73,14 +75,20 @@ def run_worker(local_rank: int) -> int:
     state = model.state_dict()  # tensors sharing storage with the parameters and buffers
     style = "into" if local_rank % 2 == 0 else "loader"
 
+    first_batch = [True]
+
     def load_weights(batch: Iterable[tuple[str, torch.Tensor]]) -> None:
         """vLLM-style: the views are valid during the call, so copy them into the model."""
+        if first_batch[0]:  # the data of a sync is arriving (fault tests time their faults by this line)
+            first_batch[0] = False
+            log("receiving: the first batch of a sync arrived")
         for key, tensor in batch:
             state[key].copy_(tensor)
 
     log(f"start: pid {os.getpid()}, own initial weights checksum={checksum(model)}, receiving with {style}")
     failures = 0
     while True:
+        first_batch[0] = True
         try:
             report = receiver.receive(into=state) if style == "into" else receiver.receive(load_weights)
         except ConfigMismatchError as err:

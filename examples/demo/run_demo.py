@@ -53,19 +53,28 @@ def say(message: str) -> None:
 
 
 def demo_manifest(name: str = "demo", steps: int = 8, interval: float = 1.0, replicas: int | None = None,
-                  code_dir: Path = CODE_DIR) -> dict[str, Any]:
+                  code_dir: Path = CODE_DIR, timeout: float | None = None, ballast_mb: int = 0,
+                  backoff: float | None = None) -> dict[str, Any]:
     """examples/demo.yaml with DEMO_CODE pointing at this checkout (the sandbox runs commands as local
-    processes), and the trainer's steps and pace."""
+    processes), and the trainer's steps and pace; `timeout` (rendezvous.timeoutSeconds), `ballast_mb` (MiB
+    of ballast in the model, DEMO_BALLAST_MB: a longer sync) and `backoff` (failurePolicy.backoffSeconds)
+    for fault tests."""
     ws = yaml.safe_load(MANIFEST.read_text())
     ws = copy.deepcopy(ws)
     ws["metadata"]["name"] = name
     if replicas is not None:
         ws["spec"]["inference"]["replicas"] = replicas
+    if timeout is not None:
+        ws["spec"]["rendezvous"]["timeoutSeconds"] = timeout
+    if backoff is not None:
+        ws["spec"]["failurePolicy"]["backoffSeconds"] = backoff
     for role in ("trainer", "inference"):
         for container in ws["spec"][role]["template"]["spec"]["containers"]:
             for var in container.get("env", []):
                 if var["name"] == "DEMO_CODE":
                     var["value"] = str(code_dir)
+            if ballast_mb:
+                container.setdefault("env", []).append({"name": "DEMO_BALLAST_MB", "value": str(ballast_mb)})
     trainer = ws["spec"]["trainer"]["template"]["spec"]["containers"][0]
     trainer["command"] = [*trainer["command"][:2], "--steps", str(steps), "--interval", str(interval)]
     return ws
