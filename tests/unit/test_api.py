@@ -254,3 +254,12 @@ def test_last_sync_bounds_are_in_the_crd() -> None:
 def test_last_sync_model_is_strict(report: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         models.LastSync.model_validate(report)
+
+
+def test_the_models_refuse_what_the_crd_refuses_in_nccl_env() -> None:
+    """Found by tests/integration/test_spec_fuzz.py: the CRD's CEL rule refused it, the models did not."""
+    spec = {"trainer": {"template": {"spec": {"containers": [{"name": "a"}]}}},
+            "inference": {"template": {"spec": {"containers": [{"name": "a"}]}}},
+            "network": {"ncclEnv": {"NCCL_DEBUG": "WARN", "LD_PRELOAD": "x"}}}  # fmt: skip
+    with pytest.raises(ValidationError, match="NCCL_\\* variables only, not LD_PRELOAD"):
+        models.parse_spec(spec)

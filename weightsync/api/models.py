@@ -366,6 +366,15 @@ class NetworkSpec(_Model):
         "hostNetwork pods are not subject to NetworkPolicy.",
     )
 
+    @field_validator("nccl_env")
+    @classmethod
+    def _nccl_only(cls, value: dict[str, str]) -> dict[str, str]:
+        others = sorted(k for k in value if not k.startswith("NCCL_"))
+        if others:  # the CRD's CEL rule says the same, so the models and the API server agree
+            raise ValueError(f"holds NCCL_* variables only, not {', '.join(others)}; put other variables in the "
+                             "pod templates")
+        return value
+
     @field_validator("rdma_resource")
     @classmethod
     def _extended_resource(cls, value: str | None) -> str | None:
