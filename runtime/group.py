@@ -129,7 +129,10 @@ class SyncGroup:
     def _connect(self, deadline: float) -> StoreClient:
         """The store connections of this process, made once and again only after the store went away."""
         env = self.env
-        if self._client is not None and self._beat_client is not None:
+        # A connection a request failed on (the store went away) is not kept: each attempt would fail at once
+        # on it (a receiver's next receive()s used to burn all their attempts in a millisecond); connect afresh.
+        if (self._client is not None and self._beat_client is not None and self._client.usable
+                and self._beat_client.usable):
             return self._client
         self._drop_connections()
         op_timeout = self.dead_after + 1.0

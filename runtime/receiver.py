@@ -143,8 +143,8 @@ class WeightReceiver(GroupMember):
             last[0] = now
             if group.current_epoch() != group.epoch:
                 raise _Moved
-            if group.keys is None or group.liveness is None:
-                return
+            if group.keys is None or group.liveness is None or not group.keys.client.usable:
+                return  # no formation yet, or its store went away: forming again connects afresh
             record, abort = group.keys.get_many([FORMATION, group.fkeys.abort])
             if record is not None and int(record["formation"]) != group.formation:
                 raise _Moved

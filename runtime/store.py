@@ -995,6 +995,11 @@ class StoreClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def usable(self) -> bool:
+        """False once closed, or abandoned after a failed request: every call would raise StoreUnreachable."""
+        return self._sock is not None
+
     def close(self) -> None:
         """Close the connection (its ephemeral keys go); a call in progress on another thread raises
         StoreUnreachable."""
