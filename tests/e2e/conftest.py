@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import demo_driver
+import faults
 import pytest
 import yaml
 from weightsync.sandbox import Sandbox
@@ -106,6 +107,8 @@ class DemoGroup:
         self.namespace = namespace
         self.name = name
         self.watcher = run_demo.GroupWatcher(api_client, namespace, name)
+        #: every member log from the node's disk, and the status.lastSync values seen (faults.py)
+        self.ledger = faults.Ledger(sandbox, namespace, name)
 
     def apply(self, **kwargs: Any) -> DemoGroup:
         ws = run_demo.demo_manifest(self.name, **kwargs)
@@ -117,7 +120,9 @@ class DemoGroup:
         return self.sandbox.kubectl(*args, "-n", self.namespace).stdout
 
     def status(self) -> dict[str, Any]:
-        return self.watcher.status()
+        status = self.watcher.status()
+        self.ledger.observe_status(status)
+        return status
 
     def pod(self, pod: str) -> dict[str, Any]:
         return dict(json.loads(self.kubectl("get", "pod", pod, "-o", "json")))
