@@ -266,7 +266,8 @@ def test_the_operator_killed_during_a_re_formation(demo_group: DemoGroup) -> Non
 
     status = demo_group.ready(epoch_at_least=epoch + 1)
     assert status["epoch"] == epoch + 1 and status["restarts"] == 1, status
-    assert faults.operator_restarts(sb) == operator_runs + 1
+    demo_group.wait(lambda: faults.operator_restarts(sb) == operator_runs + 1, "the operator's container to "
+                    "restart once", 120)
     after = demo_group.uids()
     assert after[ENGINE_1] != before[ENGINE_1] and {after[TRAINER], after[ENGINE_0]} == {before[TRAINER],
                                                                                          before[ENGINE_0]}
@@ -289,7 +290,8 @@ def test_the_operator_killed_while_a_scale_is_under_way(demo_group: DemoGroup) -
 
     status = demo_group.ready(epoch_at_least=epoch + 1, world_size=7)
     assert status["epoch"] == epoch + 1 and status.get("restarts", 0) == 0, status
-    assert faults.operator_restarts(sb) == operator_runs + 1
+    demo_group.wait(lambda: faults.operator_restarts(sb) == operator_runs + 1, "the operator's container to "
+                    "restart once", 120)
     after = demo_group.uids()
     assert {k: after[k] for k in before} == before
     assert len(incarnations(demo_group, ENGINE_2)) == 1, "the new replica created once"
