@@ -11,6 +11,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -58,22 +59,54 @@ class SyncReport:
 
 
 class PodAnnotator:
-    """Posts reports onto the trainer's own pod through the Kubernetes API, when running in a pod."""
+    """Posts reports onto the trainer's own pod through the Kubernetes API, when running in a pod.
+
+    One background thread posts the newest report only: a report still waiting when a newer one comes is
+    dropped, so an older report can never land after a newer one (the operator copies whatever the pod
+    holds into status.lastSync). A post that fails (an API server restart) is retried with a backoff until it
+    succeeds, a newer report replaces it, or RETRY_FOR_S pass."""
+
+    RETRY_FIRST_S = 1.0
+    RETRY_MAX_S = 15.0
+    RETRY_FOR_S = 600.0
 
     def __init__(self, namespace: str, pod: str) -> None:
         self.namespace = namespace
         self.pod = pod
         self._warned = False
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._pending: SyncReport | None = None
+        self._thread: threading.Thread | None = None
 
     @staticmethod
     def available() -> bool:
         return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
 
     def post(self, report: SyncReport) -> None:
-        threading.Thread(target=self._post, args=(report,), name="weightsync-report", daemon=True).start()
+        with self._changed:
+            self._pending = report
+            self._changed.notify_all()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="weightsync-report", daemon=True)
+                self._thread.start()
 
-    def _post(self, report: SyncReport) -> None:
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                report, self._pending = self._pending, None
+                if report is None:
+                    self._thread = None
+                    return
+            delay, give_up = self.RETRY_FIRST_S, time.monotonic() + self.RETRY_FOR_S
+            while not self._send(report) and time.monotonic() < give_up:
+                with self._changed:  # a newer report ends the retries of this one
+                    if self._pending is None:
+                        self._changed.wait(delay)
+                    if self._pending is not None:
+                        break
+                delay = min(self.RETRY_MAX_S, delay * 2)
+
+    def _send(self, report: SyncReport) -> bool:
         host = os.environ["KUBERNETES_SERVICE_HOST"]
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if ":" in host:
@@ -86,9 +119,12 @@ class PodAnnotator:
         })
         context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
         try:
-            with self._lock, urllib.request.urlopen(request, context=context, timeout=10):
+            with urllib.request.urlopen(request, context=context, timeout=10):
                 pass
         except Exception as err:  # reporting is best effort; the sync itself succeeded
             if not self._warned:
-                log.warning("could not post the sync report to pod %s/%s: %s", self.namespace, self.pod, err)
+                log.warning("could not post the sync report to pod %s/%s: %s (retrying)", self.namespace,
+                            self.pod, err)
                 self._warned = True
+            return False
+        return True
