@@ -62,3 +62,18 @@ class TamperedValueError(WeightSyncError):
         super().__init__(f"store value {key!r} was refused: {reason}")
         self.key = key
 
+
+
+class TrainerJobError(PeerLostError):
+    """A rank of the trainer's own job (its torch.distributed ranks, of which rank 0 is the sender) failed,
+    died or stalled during a sync, or did not take part in it. Raised on every trainer rank, and carried to
+    every receiver in the trainer's abort.
+
+    `trainer_ranks`: the trainer-job ranks at fault, where known. `job_lost`: the gathers were abandoned in
+    the middle (a rank died or failed inside them), so the job's own collectives are out of step: the
+    trainer job must be restarted; every later `send` raises at once."""
+
+    def __init__(self, message: str, trainer_ranks: tuple[int, ...], *, job_lost: bool = False) -> None:
+        super().__init__(message, ranks=(0,))
+        self.trainer_ranks = trainer_ranks
+        self.job_lost = job_lost

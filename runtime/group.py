@@ -167,6 +167,13 @@ class SyncGroup:
                                   missing_ranks=(TRAINER_RANK,)) from err
         return self._client
 
+    def ensure_store(self, deadline: float) -> None:
+        """The trainer: its store is up (started, or started again after it died) before the group forms,
+        for the other ranks of the trainer's own job, which meet on it too (trainer_job.py)."""
+        if self._server is not None and not self._server.alive():
+            self._drop_connections()  # _connect starts it again
+        self._connect(deadline)
+
     def _drop_connections(self) -> None:
         for client in (self._client, self._beat_client):
             if client is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from weightsync.runtime.comm import Check, Communicator, Fence
+from weightsync.runtime.comm import Check, Communicator, Fence, host_wait
 from weightsync.runtime.copies import BoundedCopies
 from weightsync.runtime.packing import PackingPlan, TensorSpec, segments
 
@@ -208,6 +208,73 @@ def send_chunks(comm: Communicator, plan: PackingPlan, sources: Sequence[torch.T
         free_after[b] = comm.comm_fence()
     enqueued = time.perf_counter()
     comm.finish(check)
+    return first or enqueued, enqueued
+
+
+def send_chunks_lazy(comm: Communicator, plan: PackingPlan, specs: Sequence[TensorSpec],
+                     fetch: Callable[[], torch.Tensor], views: list[list[torch.Tensor]], buffers: Buffers,
+                     check: Check) -> tuple[float, float]:
+    """`send_chunks` for a source whose tensors are materialised one at a time (a DTensor's gather):
+    `fetch()` returns the next tensor in plan order, which is the tensor list's order.
+
+    Memory: a fetched tensor is held only until the copy or broadcast that reads it is done, and a tensor
+    is fetched only once the ones still held and it fit in the size of the largest tensor (one alone always
+    does). So besides the packing buffers at most one largest tensor's bytes are held by the sender. The
+    wire is `send_chunks`'s, so receivers cannot tell the two apart; direct tensors go one at a time."""
+    comm.start()
+    wire = buffers.buffers
+    budget = max((s.nbytes for s in specs), default=0)
+    held: list[tuple[Fence | None, int, torch.Tensor]] = []  # (done when, bytes, tensor)
+    held_bytes = 0
+    first = 0.0
+    free_after: list[Fence | None] = [None] * len(wire)
+    packed_index = 0
+
+    def take(nbytes: int) -> torch.Tensor:
+        nonlocal held_bytes
+        while held and (held_bytes + nbytes > budget or (held[0][0] is not None and held[0][0].query())):
+            fence, n, _ = held.pop(0)
+            host_wait(fence, check)
+            held_bytes -= n
+        tensor = fetch()
+        comm.start()  # both lanes after the gather, which ran on the caller's stream
+        return tensor
+
+    def hold(fence: Fence | None, nbytes: int, tensor: torch.Tensor) -> None:
+        nonlocal held_bytes
+        if fence is not None:
+            held.append((fence, nbytes, tensor))
+            held_bytes += nbytes
+
+    for chunk_index, chunk in enumerate(plan.chunks):
+        if chunk.kind == "direct":
+            slot = chunk.slots[0]
+            source = take(slot.nbytes)
+            if not source.is_contiguous() or source.device != comm.device:
+                with comm.compute_lane():
+                    source = source.to(comm.device).contiguous()
+                comm.comm_wait(comm.compute_fence())
+            comm.broadcast(as_bytes(source), TRAINER_RANK)
+            first = first or time.perf_counter()
+            hold(comm.comm_fence(), slot.nbytes, source)
+            del source
+            continue
+        b = packed_index % len(wire)
+        packed_index += 1
+        comm.compute_wait(free_after[b], check)  # the buffer's last broadcast is done before it is written again
+        for slot, view in zip(chunk.slots, views[chunk_index], strict=True):
+            source = take(slot.nbytes)
+            with comm.compute_lane():
+                view.copy_(source)
+            hold(comm.compute_fence(), slot.nbytes, source)
+            del source
+        comm.comm_wait(comm.compute_fence())
+        comm.broadcast(wire[b][: chunk.nbytes], TRAINER_RANK)
+        first = first or time.perf_counter()
+        free_after[b] = comm.comm_fence()
+    enqueued = time.perf_counter()
+    comm.finish(check)
+    held.clear()
     return first or enqueued, enqueued
 
 
