@@ -15,23 +15,30 @@ from weightsync.runtime.errors import (
     PeerLostError,
     RendezvousError,
     TamperedValueError,
+    TrainerJobError,
     WeightSyncError,
 )
 from weightsync.runtime.receiver import WeightReceiver
 from weightsync.runtime.report import SyncReport
 from weightsync.runtime.sender import WeightSender
 from weightsync.runtime.settings import NcclTuning, RuntimeSettings
+from weightsync.runtime.source import LazySource, Placement, SourceTensor, WeightSource
 
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
+    "LazySource",
     "NcclTuning",
     "PeerLostError",
+    "Placement",
     "RendezvousError",
     "RuntimeSettings",
+    "SourceTensor",
     "SyncReport",
     "TamperedValueError",
+    "TrainerJobError",
     "WeightReceiver",
     "WeightSender",
+    "WeightSource",
     "WeightSyncError",
 ]
