@@ -105,9 +105,10 @@ OTHER_VARIABLES = frozenset(
         "WEIGHTSYNC_HADOLINT",
     }
 )
-#: Prefixes of further non-contract variables: the sandbox's settings (WEIGHTSYNC_SANDBOX_STATE, _BIN_DIR,
-#: _SUBNET, _NODE_*, _BACKOFF_*; sandbox/, hack/, tests/, examples/demo/).
-OTHER_PREFIXES = ("WEIGHTSYNC_SANDBOX_",)
+#: Prefixes of further non-contract variables: the soak's (tests/e2e/test_soak.py) and the sandbox's
+#: settings (WEIGHTSYNC_SANDBOX_STATE, _BIN_DIR, _SUBNET, _NODE_*, _BACKOFF_*; sandbox/, hack/, tests/,
+#: examples/demo/).
+OTHER_PREFIXES = ("WEIGHTSYNC_SANDBOX_", "WEIGHTSYNC_SOAK")
 #: The annotations file is a few KiB; a larger one is refused rather than read whole (it is re-read often).
 MAX_ANNOTATIONS_BYTES = 1 << 20
 #: Annotations whose value must be a non-negative integer.

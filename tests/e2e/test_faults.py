@@ -29,6 +29,7 @@ from typing import Any
 import faults
 import pytest
 from weightsync.sandbox.procs import alive
+from weightsync.sandbox.waiting import WaitTimeout
 
 from .conftest import FORM_S, RECOVER_S, DemoGroup, group_processes
 
@@ -211,6 +212,12 @@ def _healed_in_place(group: DemoGroup, epoch: int, before: dict[str, str], t1: f
     return at, sent
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=WaitTimeout,
+    reason="open defect, seen in every run so far (2 of 2): the trainer does not report giving up on a member "
+    "stalled past the timeout on the sandbox (runtime-level stalls pass in tests/runtime/test_healing.py)",
+)
 def test_a_member_stopped_past_the_timeout_then_resumed(demo_group: DemoGroup) -> None:
     epoch, before = start(demo_group, timeout=TIMEOUT)
     sb, ns = demo_group.sandbox, demo_group.namespace
@@ -230,6 +237,12 @@ def test_a_member_stopped_past_the_timeout_then_resumed(demo_group: DemoGroup) -
            recovery_s=round(at - t1, 1), syncs=audit.syncs)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=WaitTimeout,
+    reason="open defect, seen in every run so far (2 of 2): the trainer does not report giving up on a member "
+    "stalled past the timeout on the sandbox (runtime-level stalls pass in tests/runtime/test_healing.py)",
+)
 def test_a_member_cut_off_the_network_past_the_timeout_then_restored(demo_group: DemoGroup) -> None:
     epoch, before = start(demo_group, timeout=TIMEOUT)
     sb, ns = demo_group.sandbox, demo_group.namespace
