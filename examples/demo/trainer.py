@@ -70,6 +70,15 @@ def weights(sender: WeightSender, model: torch.nn.Module) -> list[tuple[str, tor
     return list(model.state_dict().items())
 
 
+def wait_for_a_change(sender: WeightSender, failures: int) -> None:
+    """After a failed sync: until the operator moves the epoch (a lost member is being replaced), for at most
+    a backoff of 1, 2, 4 ... 30 s. A failure that ends at once (an engine that is gone refuses connections)
+    would otherwise spend every attempt before the replacement exists."""
+    epoch, until = sender.env.current_epoch(), time.monotonic() + min(30.0, 2.0 ** (failures - 1))
+    while time.monotonic() < until and not _stopping and sender.env.current_epoch() == epoch:
+        time.sleep(0.2)
+
+
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
     """Send the model's state as `version`, re-trying when the sync fails: the group re-forms (by itself, or at
     the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
@@ -96,6 +105,7 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
                 break
             log("the group never formed yet: waiting for its members" if arriving
                 else "re-forming the group and sending again")
+            wait_for_a_change(sender, failures)
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
 
 
