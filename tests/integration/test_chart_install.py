@@ -421,7 +421,7 @@ def exercise_operator(sandbox: Any, release: Release, ns: str, name: str) -> lis
          "the Secret to be re-created", describe)
     poll(lambda: ready_with(1), RECONCILE_S, f"{name} Ready again after drift", describe)
 
-    # Drift of fields: the Service, the trainer's report Role and RoleBinding are patched back.
+    # Drift of fields: the Service, the trainer's report Role and RoleBinding, the NetworkPolicy are patched back.
     role_name = f"{name}-trainer-report"
     role = kjson(sandbox, "get", "role", role_name, "-n", ns)
     binding = kjson(sandbox, "get", "rolebinding", role_name, "-n", ns)
@@ -434,8 +434,13 @@ def exercise_operator(sandbox: Any, release: Release, ns: str, name: str) -> lis
     sandbox.kubectl("patch", "rolebinding", role_name, "-n", ns, "--type=merge",
                     "-p", json.dumps({"subjects": [{"kind": "ServiceAccount", "name": "nobody",
                                                     "namespace": ns}]}))
+    policy = kjson(sandbox, "get", "networkpolicy", name, "-n", ns)
+    sandbox.kubectl("patch", "networkpolicy", name, "-n", ns, "--type=merge",
+                    "-p", '{"spec": {"ingress": [{}]}}')  # admit everything
     poll(lambda: kjson(sandbox, "get", "service", name, "-n", ns)["spec"].get("publishNotReadyAddresses"),
          RECONCILE_S, "the Service's publishNotReadyAddresses to be repaired", describe)
+    poll(lambda: kjson(sandbox, "get", "networkpolicy", name, "-n", ns)["spec"] == policy["spec"],
+         RECONCILE_S, "the NetworkPolicy to be repaired", describe)
     poll(lambda: kjson(sandbox, "get", "role", role_name, "-n", ns)["rules"] == role["rules"],
          RECONCILE_S, "the report Role's rules to be repaired", describe)
     poll(lambda: kjson(sandbox, "get", "rolebinding", role_name, "-n", ns)["subjects"] == binding["subjects"],
