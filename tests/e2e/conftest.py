@@ -58,27 +58,7 @@ def operator_release(sandbox: Sandbox) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------ processes
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        out.setdefault(ppid, []).append(int(stat.parent.name))
-    return out
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    children = _children()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
+process_tree = faults.process_tree  # `pid` and all its descendants (one copy, in tests/support/faults.py)
 
 
 def group_processes(namespace: str, name: str) -> list[int]:
