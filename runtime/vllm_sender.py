@@ -266,6 +266,42 @@ class VllmSender:
                  "%s) in %.2fs", epoch, len(urls), (world_size - 1) // len(urls), world_size, self.comm.transport,
                  self._rendezvous_form(), self.formation_seconds)
 
+    def _world_sizes(self) -> list[int]:
+        """Every server's `GET /get_world_size`, waiting up to the timeout for servers that are not answering
+        yet (no connection, no answer, or 503): a replaced engine pod is still starting when the operator's
+        new epoch arrives, and a vLLM server listens only once its model is loaded. Servers still silent at
+        the deadline are members that did not arrive (RendezvousError naming them); any other answer is final.
+        """
+        deadline = time.monotonic() + self.timeout
+        sizes: dict[EngineClient, int] = {}
+        waiting: dict[EngineClient, EngineError] = {}
+        announced = False
+        while True:
+            pending = [e for e in self.engines if e not in sizes]
+            futures = [(e, self._pool.submit(e.bounded(max(0.1, min(self.timeout, deadline - time.monotonic())))
+                                             .get_world_size)) for e in pending]
+            for engine, future in futures:
+                try:
+                    sizes[engine] = future.result()
+                    waiting.pop(engine, None)
+                except EngineError as err:
+                    if err.status not in (None, 503):
+                        raise
+                    waiting[engine] = err
+            if not waiting:
+                return [sizes[e] for e in self.engines]
+            if time.monotonic() >= deadline:
+                silent = sorted(waiting, key=self.engines.index)
+                raise RendezvousError(
+                    f"{len(silent)} of {len(self.engines)} vLLM servers did not answer GET /get_world_size within "
+                    f"{self.timeout:g}s: " + "; ".join(str(waiting[e]) for e in silent),
+                    missing_ranks=tuple(r for e in silent for r in e.ranks))
+            if not announced:
+                log.info("waiting up to %gs for vLLM servers to answer: %s", self.timeout,
+                         ", ".join(e.describe() for e in sorted(waiting, key=self.engines.index)))
+                announced = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
     def _rendezvous_form(self) -> str:
         return "tcp-store" if self.env.backend == "gloo" else self.env.vllm_rendezvous
 
@@ -280,7 +316,7 @@ class VllmSender:
         engines = [EngineClient(url, self.timeout, tuple(range(1 + r * workers, 1 + (r + 1) * workers)))
                    for r, url in enumerate(urls)]
         self.engines, self.epoch, self.world_size, self._held = engines, epoch, world_size, None
-        sizes = self._on_all(lambda e: e.get_world_size())
+        sizes = self._world_sizes()
         wrong = [f"{e.url} reports world size {s} (GET /get_world_size)" for e, s in zip(engines, sizes, strict=True)
                  if s != workers]
         if wrong:

@@ -84,9 +84,10 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
     the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
     configuration that can never work (a mismatch) ends it, or MAX_ATTEMPTS failures in a row.
 
-    Until the group has formed once, members that have not arrived yet are not a failure: their pods may
-    still be starting (a busy node, an image pull, pending resources; the operator's Ready condition says
-    which), and a trainer that gave up would only be re-created to wait again, at the cost of a restart."""
+    Members that have not arrived within the timeout are not a failure of the trainer's: their pods may still
+    be starting (the first formation, or a replacement for a lost member: a busy node, an image pull, an engine
+    loading its model; the operator's Ready condition says which), and a trainer that gave up would only be
+    re-created to wait again, at the cost of a restart and its training state."""
     failures = 0
     for attempt in itertools.count(1):
         log(f"sending v={version} (attempt {attempt})")  # fault tests time their faults by this line
@@ -97,13 +98,13 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
         except WeightSyncError as err:
             if _stopping:
                 raise SystemExit(0) from None
-            arriving = (sender.last_report is None and isinstance(err, RendezvousError)  # members missing,
-                        and bool(err.missing_ranks) and 0 not in err.missing_ranks)  # not its own store
+            arriving = (isinstance(err, RendezvousError) and bool(err.missing_ranks)  # members missing,
+                        and 0 not in err.missing_ranks)  # not its own store
             failures += 0 if arriving else 1
             log(f"sync v={version} failed (attempt {attempt}, failure {failures}/{MAX_ATTEMPTS}): {err}")
             if failures >= MAX_ATTEMPTS:
                 break
-            log("the group never formed yet: waiting for its members" if arriving
+            log("members have not arrived (starting, or being replaced): waiting for them" if arriving
                 else "re-forming the group and sending again")
             wait_for_a_change(sender, failures)
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")

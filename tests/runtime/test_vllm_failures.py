@@ -5,15 +5,18 @@ receive are refused before anything forms or moves."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 from standins import StandIn, expected, model
-from weightsync.runtime import ConfigMismatchError, WeightSender, WeightSyncError
+from weightsync.runtime import ConfigMismatchError, RendezvousError, WeightSender, WeightSyncError
 from weightsync.runtime.local import vllm_trainer_env
 from weightsync.runtime.vllm_http import EngineError
+from weightsync.sandbox.waiting import wait_for
 
 TIMEOUT = 2.5
 B = 1 << 16
@@ -106,9 +109,32 @@ def test_an_unreachable_server_is_named_within_the_timeout() -> None:
     from weightsync.runtime.local import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    env = vllm_trainer_env([url], 1, timeout=TIMEOUT, buffer_bytes=B)
+    env = vllm_trainer_env([url], 2, timeout=TIMEOUT, buffer_bytes=B)
     began = time.monotonic()
-    with WeightSender(env, report_to_pod=False) as sender, pytest.raises(EngineError) as err:
+    with WeightSender(env, report_to_pod=False) as sender, pytest.raises(RendezvousError) as err:
         sender.send(model(1), version=1)
-    assert time.monotonic() - began < TIMEOUT + 2
-    assert err.value.step == "get_world_size" and url in str(err.value) and "ConnectionRefusedError" in str(err.value)
+    assert TIMEOUT <= time.monotonic() - began < TIMEOUT + 2  # waited for it to start, for the timeout
+    message = str(err.value)
+    assert err.value.missing_ranks == (1, 2), message
+    assert "get_world_size" in message and url in message and "ConnectionRefusedError" in message, message
+
+
+def test_a_server_still_starting_is_waited_for(caplog: pytest.LogCaptureFixture) -> None:
+    """A replaced engine pod comes up after the trainer's next send began (the operator's new epoch arrives
+    first; a vLLM server listens only once its model is loaded): the send waits for it, within the timeout."""
+    from weightsync.runtime.local import free_port
+
+    port = free_port()
+    env = vllm_trainer_env([f"http://127.0.0.1:{port}"], 2, timeout=60.0, buffer_bytes=B)
+    outcome: list[object] = []
+    with WeightSender(env, report_to_pod=False) as sender:
+        caplog.set_level(logging.INFO, logger="weightsync.runtime")
+        thread = threading.Thread(target=lambda: outcome.append(sender.send(model(1), version=1)), daemon=True)
+        thread.start()
+        wait_for(lambda: any("waiting up to" in r.getMessage() for r in caplog.records), 30.0,
+                 "the sender to say it waits for the server", interval=0.05)
+        with StandIn(2, port=port, timeout=60.0) as server:
+            thread.join(90.0)
+            assert outcome and outcome[0].version == 1 and outcome[0].acked == (1, 2), outcome  # type: ignore[attr-defined]
+            assert server.tensors("1") == {"1": expected(model(1)), "2": expected(model(1))}
+
