@@ -91,6 +91,8 @@ class SyncGroup:
         self.fkeys = FormationKeys(0)
         self.liveness: Liveness | None = None
         self.members: dict[int, dict[str, Any]] = {}
+        #: every member's record as last seen in any formation (for naming members that did not arrive)
+        self._last_seen: dict[int, dict[str, Any]] = {}
         self.seq = 0
         self._server: StoreProcess | None = None
         self._client: StoreClient | None = None
@@ -111,12 +113,16 @@ class SyncGroup:
         return torch.device("cuda", self.local_rank % torch.cuda.device_count())
 
     def describe(self, rank: int) -> str:
-        info = self.members.get(rank, {})
+        # A member missing from this formation is described as it was last seen: the trainer's own
+        # local world size says nothing about an inference pod's workers.
+        info = self.members.get(rank) or self._last_seen.get(rank, {})
         if rank == TRAINER_RANK:
             where = "trainer"
-        else:
-            lws = int(info.get("local_world_size", self.env.local_world_size if not self.is_trainer else 1))
+        elif "local_world_size" in info or not self.is_trainer:
+            lws = int(info.get("local_world_size", self.env.local_world_size))
             where = f"inference replica {(rank - 1) // lws} worker {(rank - 1) % lws}"
+        else:
+            where = "inference"
         pod = info.get("pod")
         return f"rank {rank} ({where}{', pod ' + str(pod) if pod else ''})"
 
@@ -366,6 +372,7 @@ class SyncGroup:
                 missing_ranks=missing) from None
         for r, joined in zip(others, joins, strict=True):
             self.members[r] = joined
+        self._last_seen.update(self.members)
         sizes = {r: m["world_size"] for r, m in self.members.items() if m["world_size"] != self.world_size}
         nccl_id = ""
         if self.env.backend == "nccl":
@@ -396,6 +403,7 @@ class SyncGroup:
                                   "this member's join (stale, or a member of the same rank joined twice)",
                                   missing_ranks=(TRAINER_RANK,))
         self.members.update(members)
+        self._last_seen.update(members)
         if group["errors"]:
             raise ConfigMismatchError("; ".join(group["errors"]))
         return str(group["nccl_id"])

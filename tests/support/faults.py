@@ -117,9 +117,12 @@ class Ledger:
         return [(r.at, x) for r in self.records if not r.pod.endswith("-trainer-0")
                 for x in run_demo.parse_inference(r.text, r.pod, r.uid8)]
 
-    def lines(self, pattern: str, pod: str | None = None, after: float = 0.0) -> list[Record]:
+    def lines(self, pattern: str, pod: str | None = None, after: float = 0.0, *, reread: bool = False) -> list[Record]:
+        """Records matching `pattern` (of `pod`, after `after`) as of the last `read()`; `reread`: as `pod`'s logs
+        say now (a cheap re-read of that pod alone, which leaves `records` as they were)."""
         rx = re.compile(pattern)
-        return [r for r in self.records if r.at >= after and (pod is None or r.pod == pod) and rx.search(r.text)]
+        records = self.read(pod) if reread else self.records
+        return [r for r in records if r.at >= after and (pod is None or r.pod == pod) and rx.search(r.text)]
 
     def verified_syncs(self, after: float = 0.0) -> list[tuple[float, Any]]:
         """(time the last proof arrived, Sent) of each sync reported after `after` that every acknowledged
