@@ -17,10 +17,23 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from weightsync.runtime.errors import TransportError
+from weightsync.runtime.errors import TransportError, WeightSyncError
 
 #: Called while waiting; raises (PeerLostError, TimeoutError) to stop the wait.
 Check = Callable[[], None]
+
+
+def member_device(requested: torch.device | str | None, backend: str, cuda_index: Callable[[], int]) -> torch.device:
+    """The device a member's buffers live on: `requested` if given, the CPU for gloo, else the CUDA device
+    `cuda_index()` picks (called only when a GPU is visible)."""
+    if requested is not None:
+        return torch.device(requested)
+    if backend == "gloo":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise WeightSyncError("WEIGHTSYNC_BACKEND=nccl needs a CUDA GPU and none is visible; "
+                              "use the gloo backend on CPU")
+    return torch.device("cuda", cuda_index())
 
 
 class Fence(Protocol):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 import torch
-from weightsync.runtime.comm import Communicator, GlooCommunicator
+from weightsync.runtime.comm import Communicator, GlooCommunicator, member_device
 from weightsync.runtime.errors import (
     ConfigMismatchError,
     PeerLostError,
@@ -77,7 +77,7 @@ class SyncGroup:
         self.timeout = env.timeout_seconds
         self.dead_after = self.settings.dead_after_for(self.timeout)
         self.transfer = TransferConfig(env.protocol, env.packed, env.buffer_bytes, env.num_buffers, env.checksums)
-        self.device = self._pick_device(device)
+        self.device = member_device(device, env.backend, lambda: self.local_rank % torch.cuda.device_count())
         self._sealer = Sealer(env.token)
         self._root = group_prefix(env.namespace, env.name, env.token)
         self.epoch: int | None = None
@@ -102,16 +102,6 @@ class SyncGroup:
         self.formation_seconds = 0.0
 
     # ----------------------------------------------------------------------------------------- set-up
-    def _pick_device(self, device: torch.device | str | None) -> torch.device:
-        if device is not None:
-            return torch.device(device)
-        if self.env.backend == "gloo":
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise WeightSyncError("WEIGHTSYNC_BACKEND=nccl needs a CUDA GPU and none is visible; "
-                                  "use the gloo backend on CPU")
-        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-
     def describe(self, rank: int) -> str:
         # A member missing from this formation is described as it was last seen: the trainer's own
         # local world size says nothing about an inference pod's workers.

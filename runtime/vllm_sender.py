@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from weightsync.runtime import vllm_wire as wire
+from weightsync.runtime.comm import member_device
 from weightsync.runtime.errors import ConfigMismatchError, PeerLostError, RendezvousError, WeightSyncError
 from weightsync.runtime.packing import TensorSpec
 from weightsync.runtime.report import SyncReport
@@ -110,7 +111,7 @@ class VllmSender:
         self.env = env
         self.settings = settings or RuntimeSettings()
         self.timeout = env.timeout_seconds
-        self.device = self._pick_device(device)
+        self.device = member_device(device, env.backend, torch.cuda.current_device)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="weightsync-vllm")
         self._store: dist.TCPStore | None = None
         self._formations = 0
@@ -124,16 +125,6 @@ class VllmSender:
         self._ring: list[torch.Tensor] = []
         #: Seconds the last send spent forming the group (0 when it stood).
         self.formation_seconds = 0.0
-
-    def _pick_device(self, device: torch.device | str | None) -> torch.device:
-        if device is not None:
-            return torch.device(device)
-        if self.env.backend == "gloo":
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise WeightSyncError("WEIGHTSYNC_BACKEND=nccl needs a CUDA GPU and none is visible; "
-                                  "use the gloo backend on CPU")
-        return torch.device("cuda", torch.cuda.current_device())
 
     # ------------------------------------------------------------------------------------------- send
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncReport:
