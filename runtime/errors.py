@@ -14,6 +14,13 @@ class WeightSyncError(RuntimeError):
     abandoned_version: int | None = None
     incomplete: bool = False
 
+    @property
+    def members_at_fault(self) -> tuple[int, ...]:
+        """The sync group's ranks this error names as its cause (died, stalled, never arrived, a failing
+        engine's workers); empty when it names none. A retry loop can tell "another member failed: the
+        group re-forms without me" (this process's rank not among them) from a failure of its own."""
+        return ()
+
 
 class RendezvousError(WeightSyncError):
     """The group could not be formed: the store is unreachable or members did not arrive in time."""
@@ -21,6 +28,10 @@ class RendezvousError(WeightSyncError):
     def __init__(self, message: str, missing_ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.missing_ranks = missing_ranks
+
+    @property
+    def members_at_fault(self) -> tuple[int, ...]:
+        return self.missing_ranks
 
 
 class PeerLostError(WeightSyncError):
@@ -37,6 +48,10 @@ class PeerLostError(WeightSyncError):
         self.ranks = ranks
         self.store_lost = store_lost
         self.reformed = reformed
+
+    @property
+    def members_at_fault(self) -> tuple[int, ...]:
+        return self.ranks
 
 
 class TransportError(WeightSyncError):

@@ -35,6 +35,10 @@ class EngineError(WeightSyncError):
         self.url, self.step, self.version, self.status, self.body, self.ranks = (
             url, step, version, status, body, ranks)
 
+    @property
+    def members_at_fault(self) -> tuple[int, ...]:
+        return self.ranks
+
 
 def _quote(body: str) -> str:
     body = body.strip()

@@ -42,7 +42,9 @@ from weightsync.runtime import ConfigMismatchError, WeightReceiver, WeightSyncEr
 
 from weightsync.contract import MemberEnv
 
-#: Consecutive failed receives before a worker gives up (its pod then fails; the operator re-creates it).
+#: Consecutive failed receives of its own before a worker gives up (its pod then fails; the operator
+#: re-creates it). A failure naming only other members (`members_at_fault`: the trainer being replaced,
+#: another worker lost or stalled) does not count: the group re-forms without this worker's restart.
 MAX_FAILURES = 5
 
 
@@ -99,7 +101,7 @@ def run_worker(local_rank: int) -> int:
         except WeightSyncError as err:  # the group re-forms (by itself, or at the operator's next epoch)
             if _stopping:
                 return 0
-            failures += 1
+            failures += 0 if err.members_at_fault and receiver.rank not in err.members_at_fault else 1
             log(f"receive failed ({failures}/{MAX_FAILURES}): {err}")
             if failures >= MAX_FAILURES:
                 return 1

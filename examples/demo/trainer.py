@@ -82,12 +82,12 @@ def wait_for_a_change(sender: WeightSender, failures: int) -> None:
 def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncReport:
     """Send the model's state as `version`, re-trying when the sync fails: the group re-forms (by itself, or at
     the operator's next epoch when a pod died). The trainer outlives every inference-side failure; only a
-    configuration that can never work (a mismatch) ends it, or MAX_ATTEMPTS failures in a row.
+    configuration that can never work (a mismatch) ends it, or MAX_ATTEMPTS failures of its own in a row.
 
-    Members that have not arrived within the timeout are not a failure of the trainer's: their pods may still
-    be starting (the first formation, or a replacement for a lost member: a busy node, an image pull, an engine
-    loading its model; the operator's Ready condition says which), and a trainer that gave up would only be
-    re-created to wait again, at the cost of a restart and its training state."""
+    A failure that names other members as its cause (`members_at_fault`: lost, stalled, not arrived within the
+    timeout) is not the trainer's: the operator replaces a pod that died, a stalled member re-joins, a pod may
+    still be starting (an image pull, an engine loading its model; the Ready condition says which). A trainer
+    that gave up would only be re-created to wait again, at the cost of a restart and its training state."""
     failures = 0
     for attempt in itertools.count(1):
         log(f"sending v={version} (attempt {attempt})")  # fault tests time their faults by this line
@@ -98,14 +98,13 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
         except WeightSyncError as err:
             if _stopping:
                 raise SystemExit(0) from None
-            arriving = (isinstance(err, RendezvousError) and bool(err.missing_ranks)  # members missing,
-                        and 0 not in err.missing_ranks)  # not its own store
-            failures += 0 if arriving else 1
+            others = bool(err.members_at_fault) and 0 not in err.members_at_fault  # not the trainer's own
+            failures += 0 if others else 1
             log(f"sync v={version} failed (attempt {attempt}, failure {failures}/{MAX_ATTEMPTS}): {err}")
             if failures >= MAX_ATTEMPTS:
                 break
-            log("members have not arrived (starting, or being replaced): waiting for them" if arriving
-                else "re-forming the group and sending again")
+            log("members have not arrived (starting, or being replaced): waiting for them"
+                if isinstance(err, RendezvousError) and others else "re-forming the group and sending again")
             wait_for_a_change(sender, failures)
     raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up")
 
