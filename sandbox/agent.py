@@ -28,7 +28,7 @@ from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.kubelet_server import KubeletServer
-from weightsync.sandbox.podspec import Obj, render_hosts
+from weightsync.sandbox.podspec import Obj, cluster_entries, hosts_text, hosts_view
 from weightsync.sandbox.podworker import AgentContext, PodWorker
 
 HEARTBEAT_S = 10.0
@@ -52,6 +52,8 @@ class Agent:
         self.workers: dict[str, PodWorker] = {}
         self.used_ips: set[str] = set()
         self.generation = 0  # bumped on every change a hosts file depends on
+        #: namespace -> (generation, its cluster_entries at that generation)
+        self._entries: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         self.swept = False  # what an earlier agent left: adopted or removed after the first pod listing
         self.ctx = AgentContext(
             client=self.client,
@@ -73,16 +75,25 @@ class Agent:
 
     # -- shared state -------------------------------------------------------------------------------
     def hosts_for(self, pod: Obj) -> str:
+        # Rendered once per change and namespace, not per pod: every pod's worker asks after each change,
+        # and rendering is linear in the cluster's pods and Services (quadratic per change, cubic to form
+        # a cluster, when each pod rendered its own: the agent saturated a core at a few hundred pods).
+        namespace = pod["metadata"]["namespace"]
         with self.lock:
-            pods = []
-            for uid, cached in self.pods.items():
-                worker = self.workers.get(uid)
-                if worker is not None and not worker.host_network:
-                    cached = {**cached, "status": {**cached.get("status", {}), "podIP": worker.pod_ip}}  # noqa: PLW2901
-                pods.append(cached)
-            services = list(self.services.values())
-        text: str = render_hosts(pod, pods, services, self.api_host)
-        return text
+            generation = self.generation
+            cached_entries = self._entries.get(namespace)
+            if cached_entries is not None and cached_entries[0] == generation:
+                entries = cached_entries[1]
+            else:
+                pods = []
+                for uid, cached in self.pods.items():
+                    worker = self.workers.get(uid)
+                    if worker is not None and not worker.host_network:
+                        cached = {**cached, "status": {**cached.get("status", {}), "podIP": worker.pod_ip}}  # noqa: PLW2901
+                    pods.append(cached)
+                entries = cluster_entries(namespace, pods, self.services.values())
+                self._entries[namespace] = (generation, entries)
+        return hosts_text(pod, entries, self.api_host)
 
     def container_running(self, namespace: str, name: str, container: str) -> bool:
         """Whether that container has a process now (a followed log ends when it has not)."""
@@ -126,8 +137,10 @@ class Agent:
     def on_pod(self, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
         with self.lock:
+            before = self.pods.get(uid)
             self.pods[uid] = pod
-            self.generation += 1
+            if before is None or hosts_view(before) != hosts_view(pod):
+                self.generation += 1
             worker = self.workers.get(uid)
         if worker is not None and not worker.finished.is_set():
             worker.update(pod)

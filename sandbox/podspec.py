@@ -206,17 +206,14 @@ def render_hosts(pod: Obj, pods: Iterable[Obj], services: Iterable[Obj], api_ip:
     of the pods it selects that are Ready, or all of them with publishNotReadyAddresses. There is no
     kube-proxy: a ClusterIP Service name also resolves to a pod address, so its port must equal targetPort.
     """
+    return hosts_text(pod, cluster_entries(pod["metadata"]["namespace"], pods, services), api_ip)
+
+
+def hosts_text(pod: Obj, entries: Iterable[tuple[str, str]], api_ip: str) -> str:
+    """`pod`'s hosts file from the `cluster_entries` of its namespace (its own entry among them is left out:
+    its own line comes first, with every form of its name)."""
     meta = pod["metadata"]
     namespace = meta["namespace"]
-    services = list(services)
-    pods = [
-        p
-        for p in pods
-        if p.get("status", {}).get("podIP")
-        and not p["metadata"].get("deletionTimestamp")
-        and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")  # finished pods have no address
-    ]
-    service_names = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
     lines = [
         "# Managed by the weightsync sandbox node agent: this pod's view of cluster DNS.",
         "127.0.0.1\tlocalhost",
@@ -237,30 +234,56 @@ def render_hosts(pod: Obj, pods: Iterable[Obj], services: Iterable[Obj], api_ip:
     lines.append(f"{api_ip}\t{' '.join(_forms('kubernetes', 'default', namespace == 'default'))}")
     for alias in pod.get("spec", {}).get("hostAliases") or []:
         lines.append(f"{alias['ip']}\t{' '.join(alias.get('hostnames', []))}")
+    own_uid = meta.get("uid")
+    lines += [line for uid, line in entries if not uid or uid != own_uid]
+    return "\n".join(lines) + "\n"
+
+
+def cluster_entries(namespace: str, pods: Iterable[Obj], services: Iterable[Obj]) -> list[tuple[str, str]]:
+    """What cluster DNS answers a pod of `namespace`, as (uid of the pod a name belongs to, or "" for a
+    Service's, hosts line): the same for every pod of the namespace, so the node agent renders it once per
+    change and namespace, not once per pod."""
+    services = list(services)
+    pods = [
+        p
+        for p in pods
+        if p.get("status", {}).get("podIP")
+        and not p["metadata"].get("deletionTimestamp")
+        and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")  # finished pods have no address
+    ]
+    service_names = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
+    entries: list[tuple[str, str]] = []
     for other in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
         ometa, ospec = other["metadata"], other.get("spec", {})
-        if ometa.get("uid") == meta.get("uid"):
-            continue
         sub = ospec.get("subdomain")
         if not sub or (ometa["namespace"], sub) not in service_names:
             continue
         name = f"{pod_hostname(other)}.{sub}"
-        lines.append(
-            f"{other['status']['podIP']}\t"
-            + " ".join(_forms(name, ometa["namespace"], ometa["namespace"] == namespace))
-        )
+        entries.append((str(ometa.get("uid") or ""),
+                        f"{other['status']['podIP']}\t"
+                        + " ".join(_forms(name, ometa["namespace"], ometa["namespace"] == namespace))))
+    by_namespace: dict[str, list[Obj]] = {}
+    for member in pods:
+        by_namespace.setdefault(member["metadata"]["namespace"], []).append(member)
     for svc in sorted(services, key=lambda s: (s["metadata"]["namespace"], s["metadata"]["name"])):
         smeta, sspec = svc["metadata"], svc.get("spec", {})
         if sspec.get("type") == "ExternalName":
             continue
         publish_all = bool(sspec.get("publishNotReadyAddresses"))
         names = " ".join(_forms(smeta["name"], smeta["namespace"], smeta["namespace"] == namespace))
-        for member in pods:
-            if member["metadata"]["namespace"] != smeta["namespace"]:
-                continue
+        for member in by_namespace.get(smeta["namespace"], []):
             if _selects(sspec.get("selector") or {}, member) and (publish_all or is_ready(member)):
-                lines.append(f"{member['status']['podIP']}\t{names}")
-    return "\n".join(lines) + "\n"
+                entries.append(("", f"{member['status']['podIP']}\t{names}"))
+    return entries
+
+
+def hosts_view(pod: Obj) -> tuple[object, ...]:
+    """What of a pod any hosts file depends on: a change elsewhere (an annotation, a container's restart
+    count) changes no hosts file."""
+    meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
+    return (meta.get("namespace"), meta.get("name"), meta.get("uid"), bool(meta.get("deletionTimestamp")),
+            tuple(sorted((meta.get("labels") or {}).items())), spec.get("hostname"), spec.get("subdomain"),
+            status.get("podIP"), status.get("phase"), is_ready(pod))
 
 
 def resolv_conf(namespace: str) -> str:

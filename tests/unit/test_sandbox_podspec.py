@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from weightsync.sandbox.podspec import (
     expand,
     field_value,
     format_map,
+    hosts_view,
     render_hosts,
     resolve_env,
 )
@@ -153,6 +155,20 @@ def test_hosts_file_lists_only_ready_endpoints_by_default() -> None:
     )
     assert "10.77.0.2\tx.ns.svc.cluster.local x.ns.svc x.ns\n" in hosts  # no short form from namespace two
     assert "10.77.0.3" not in hosts
+
+
+def test_only_what_hosts_files_show_of_a_pod_makes_the_agent_rewrite_them() -> None:
+    # The agent rewrites every pod's hosts file when hosts_view of any pod changes; members patch their
+    # own annotations at every sync, which must not cost the node a rewrite of every file.
+    before = pod("a", ip="10.77.0.2", labels={"app": "x"})
+    annotated = copy.deepcopy(before)
+    annotated["metadata"]["annotations"] = {"weightsync.dev/last-sync": "{}"}
+    assert hosts_view(annotated) == hosts_view(before)
+    became_ready = pod("a", ip="10.77.0.2", labels={"app": "x"}, ready=True)
+    relabelled = pod("a", ip="10.77.0.2", labels={"app": "y"})
+    moved = pod("a", ip="10.77.0.3", labels={"app": "x"})
+    for changed in (became_ready, relabelled, moved):
+        assert hosts_view(changed) != hosts_view(before)
 
 
 def test_probe_thresholds() -> None:
