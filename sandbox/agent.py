@@ -50,7 +50,7 @@ class Agent:
         self.pods: dict[str, Obj] = {}
         self.services: dict[tuple[str, str], Obj] = {}
         self.workers: dict[str, PodWorker] = {}
-        self.used_ips: set[str] = set()
+        self.addresses = network.AddressPool(self.net.pod_addresses())
         self.generation = 0  # bumped on every change a hosts file depends on
         #: namespace -> (generation, its cluster_entries at that generation)
         self._entries: dict[str, tuple[int, list[tuple[str, str]]]] = {}
@@ -109,12 +109,7 @@ class Agent:
 
     def allocate_ip(self) -> str:
         with self.lock:
-            address: str
-            for address in self.net.pod_addresses():
-                if address not in self.used_ips:
-                    self.used_ips.add(address)
-                    return address
-        raise RuntimeError(f"no free pod address left in {self.net.network}")
+            return self.addresses.take()
 
     def _address(self, netns: str) -> str:
         """The pod's address: the one its network namespace has (an earlier agent made it), else a free one."""
@@ -122,7 +117,7 @@ class Agent:
         if existing is None:
             return self.allocate_ip()
         with self.lock:
-            self.used_ips.add(existing)
+            self.addresses.hold(existing)
         return existing
 
     def _pod_dir(self, pod: Obj) -> Path:
@@ -131,7 +126,7 @@ class Agent:
 
     def release_ip(self, address: str) -> None:
         with self.lock:
-            self.used_ips.discard(address)
+            self.addresses.release(address)
 
     # -- pods ---------------------------------------------------------------------------------------
     def on_pod(self, pod: Obj) -> None:
@@ -235,7 +230,7 @@ class Agent:
             address = network.netns_address(netns)
             if address:
                 with self.lock:
-                    self.used_ips.add(address)
+                    self.addresses.hold(address)
 
     def _sweep(self, current: dict[str, Obj]) -> None:
         """Once, after the first listing: what an earlier agent left of pods no worker runs now (gone from the

@@ -169,3 +169,35 @@ def netns_pids(name: str) -> list[int]:
 def delete_netns(name: str) -> None:
     """Removes the namespace (its veth pair goes with it once no process holds it)."""
     ip("netns", "del", name, check=False)
+
+
+class AddressPool:
+    """The pod addresses of one subnet, handed out round the subnet rather than lowest first.
+
+    A pod re-created at once (a member replaced under the same name) would otherwise get the address its
+    predecessor had, and every peer's neighbour (ARP) cache still maps that address to the deleted veth for
+    up to ~30 s: connections to the new pod went unanswered until the entry expired (a replaced trainer was
+    unreachable for 40 s). Real CNIs rarely hand an address straight back either. Not thread-safe: the
+    agent holds its lock around every call."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._addresses = addresses
+        self._used: set[str] = set()
+        self._next = 0  # where `take` looks first: just past the address it handed out last
+
+    def take(self) -> str:
+        for i in range(len(self._addresses)):
+            address = self._addresses[(self._next + i) % len(self._addresses)]
+            if address not in self._used:
+                self._used.add(address)
+                self._next = (self._next + i + 1) % len(self._addresses)
+                return address
+        raise RuntimeError(f"no free pod address left among {len(self._addresses)}")
+
+    def hold(self, address: str) -> None:
+        """An address already in use (a network namespace an earlier agent made)."""
+        self._used.add(address)
+
+    def release(self, address: str) -> None:
+        self._used.discard(address)
+
