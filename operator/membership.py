@@ -11,7 +11,8 @@ identity; the epoch is bumped when the membership changes:
 
 Each loss is counted once: a terminated pod counts if it is still a recorded member (`status.members`) or
 carries the current epoch; after the bump it is neither, so a retry after a crash does not count it again.
-A vanished pod counts if it is a recorded member; the bumped status no longer lists it.
+A vanished pod counts if it is a recorded member; the bumped status no longer lists it. A trainer of several
+pods is one job: its pods that ended or vanished in one pass are one failure (they are re-created together).
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ class Membership:
     scaled: bool
     restarts: int
     last_failure: str | None
+    #: Failures counted against maxRestarts: one per failed or lost member, but one for the trainer's job of
+    #: several pods, however many of its pods ended with it.
+    failures: int = 0
     events: list[Event] = field(default_factory=list)
-
-    @property
-    def failures(self) -> int:
-        return len(self.failed) + len(self.lost)
 
     @property
     def bumped(self) -> bool:
@@ -111,6 +111,9 @@ def membership(
     replaced_now = sorted(n for n in replace if n in recorded)
     scaled = old_world is not None and old_world != spec.world_size
     failures = len(failed) + len(lost)
+    trainer_failures = [n for n in (*failed, *lost) if n in trainer_pods]
+    if len(trainer_pods) > 1 and trainer_failures:  # pod 0's ranks often exit with the pod that died first
+        failures -= len(trainer_failures) - 1
     bump = failures > 0 or scaled or bool(changed) or bool(replaced_now)
     new_epoch = old_epoch + 1 if bump else old_epoch
 
@@ -164,5 +167,6 @@ def membership(
         scaled=scaled,
         restarts=old_restarts + failures,
         last_failure=rfc3339(now) if failures else old_last_failure,
+        failures=failures,
         events=events,
     )

@@ -715,3 +715,19 @@ def test_a_lost_trainer_pod_re_creates_the_whole_trainer_job_and_the_engines_sta
     acted_on = [e for e in cl.events[seen:] if "inference" in e and ("created" in e or "deleted" in e)]
     assert acted_on == [], "the engines re-joined in place"
     assert {p.annotations[EPOCH_ANNOTATION] for p in cl.pods.values()} == {"1"}
+
+
+def test_trainer_pods_that_all_ended_together_count_one_failure() -> None:
+    # A job of two pods: pod 1 is killed and pod 0's ranks, whose collectives fail with it, exit too, before
+    # the operator's next pass. The job was lost once.
+    body = spec(replicas=2, failurePolicy={"maxRestarts": 5})
+    body["trainer"] = {**body["trainer"], "pods": 2}
+    cl = Cluster(body)
+    cl.converge()
+    for name in ("ws-trainer-0", "ws-trainer-1"):
+        cl.pods[name] = replace(cl.pods[name], phase="Failed", ready=False)
+    p = cl.step()
+    assert sorted(a.name for a in p.actions if isinstance(a, Delete)) == ["ws-trainer-0", "ws-trainer-1"]
+    assert (p.status["restarts"], p.status["epoch"]) == (1, 1), "one failure of the trainer's job"
+    final = cl.converge()
+    assert (final.status["phase"], final.status["restarts"], final.status["epoch"]) == ("Ready", 1, 1)
