@@ -38,8 +38,9 @@ TRAINER, ENGINE_0, ENGINE_1, ENGINE_2 = "demo-trainer-0", "demo-inference-0", "d
 #: rendezvous.timeoutSeconds of the groups whose members stall: every wait of the runtime, and the heartbeat
 #: threshold, follow it.
 TIMEOUT = 10.0
-#: MiB of ballast that makes a sync last long enough to be hit in the middle.
-BALLAST_MB = 16
+#: MiB of ballast that makes a sync last long enough to be hit in the middle: about 2 s on an idle 2-core
+#: machine (16 MiB took 0.7 s, and the kill, issued on reading the logs, landed after the last byte).
+BALLAST_MB = 48
 
 
 def start(group: DemoGroup, **kwargs: Any) -> tuple[int, dict[str, str]]:

@@ -160,8 +160,10 @@ class Ledger:
                 audit.lies.append(f"rank {x.rank} ({x.pod}) loaded v{x.version} epoch {x.epoch} with checksum "
                                   f"{x.checksum} output {x.output}; the trainer sent {s.checksum} {s.output}")
             proofs.setdefault(x.key, {})[x.rank] = x
+        first_line: dict[str, float] = {}
         last_line: dict[str, float] = {}
         for r in self.records:
+            first_line.setdefault(r.uid8, r.at)
             last_line[r.uid8] = r.at
         pods_of_rank: dict[int, set[str]] = {}
         for _, x in self.loaded():
@@ -172,9 +174,12 @@ class Ledger:
             if not missing:
                 audit.verified += 1
                 continue
-            # A rank whose every pod's log ended (killed) before it could log the load is unproven; a rank
-            # still logging is pending (its line may not be written yet) or, later, a lie.
-            still = [r for r in missing if any(last_line.get(u, 0.0) > at for u in pods_of_rank.get(r, ()))]
+            # A rank whose pod's log ended (killed) before it could log the load is unproven; a rank still
+            # logging is pending (its line may not be written yet) or, later, a lie. Only the pods of that rank
+            # that were running when the sync was reported count: a replacement under the same rank, started
+            # later, never received it (it made a killed worker's missing proof look like a lie).
+            still = [r for r in missing if any(first_line.get(u, at) <= at < last_line.get(u, 0.0)
+                                               for u in pods_of_rank.get(r, ()))]
             what = f"v{s.version} epoch {s.epoch} (acked {s.acked}) lacks the proof of ranks {missing}"
             (audit.pending if still else audit.unproven).append(what)
         verified = {s.key for _, s in self.verified_syncs()}
