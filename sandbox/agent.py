@@ -3,7 +3,8 @@
     python -m weightsync.sandbox.agent --state-dir DIR --kubeconfig FILE --api-host IP --api-port PORT
 
 Threads: one watches this node's pods (field selector spec.nodeName), one watches Services (for the pods'
-hosts files), one posts node heartbeats and the Lease, and every pod has its own worker thread.
+hosts files), where NetworkPolicy is enforced one each watches NetworkPolicies and Namespaces (for the pods'
+iptables rules, netpolicy.py), one posts node heartbeats and the Lease, and every pod has its own worker thread.
 
 Containers run under shims of their own (shim.py), not as the agent's children, so an agent that is killed
 and started again (the sandbox's supervisor does both) finds them running: its first pod listing adopts every
@@ -23,16 +24,18 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from weightsync.sandbox import gpus, network, node, procs
+from weightsync.sandbox import firewall, gpus, network, node, procs
 from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.kubelet_server import KubeletServer
+from weightsync.sandbox.netpolicy import PolicyIndex, render_v4, render_v6
 from weightsync.sandbox.podspec import Obj, cluster_entries, hosts_text, hosts_view
 from weightsync.sandbox.podworker import AgentContext, PodWorker
 
 HEARTBEAT_S = 10.0
 WATCH_S = 60
+POLICIES_WAIT_S = 30.0
 
 
 _log = log
@@ -49,6 +52,13 @@ class Agent:
         self.lock = threading.Lock()
         self.pods: dict[str, Obj] = {}
         self.services: dict[tuple[str, str], Obj] = {}
+        self.policies: dict[tuple[str, str], Obj] = {}
+        self.namespaces: dict[tuple[str, str], Obj] = {}
+        self.iptables = firewall.recorded(Path(args.state_dir))
+        self._policy_index: tuple[int, PolicyIndex] | None = None
+        # listed once: until then no pod's rules are computed (an adopted pod keeps what it had, rather than
+        # being opened for want of the policies)
+        self.policies_listed, self.namespaces_listed = threading.Event(), threading.Event()
         self.workers: dict[str, PodWorker] = {}
         self.addresses = network.AddressPool(self.net.pod_addresses())
         self.generation = 0  # bumped on every change a hosts file depends on
@@ -69,6 +79,8 @@ class Agent:
             backoff_cap_s=float(os.environ.get("WEIGHTSYNC_SANDBOX_BACKOFF_CAP_S", "60")),
             hosts_for=self.hosts_for,
             hosts_generation=lambda: self.generation,
+            firewall_for=self.firewall_for,
+            iptables=self.iptables,
             gpus=GpuAllocator(gpus.detect()),
             release_ip=self.release_ip,
         )
@@ -85,15 +97,32 @@ class Agent:
             if cached_entries is not None and cached_entries[0] == generation:
                 entries = cached_entries[1]
             else:
-                pods = []
-                for uid, cached in self.pods.items():
-                    worker = self.workers.get(uid)
-                    if worker is not None and not worker.host_network:
-                        cached = {**cached, "status": {**cached.get("status", {}), "podIP": worker.pod_ip}}  # noqa: PLW2901
-                    pods.append(cached)
-                entries = cluster_entries(namespace, pods, self.services.values())
+                entries = cluster_entries(namespace, self._pods_with_addresses(), self.services.values())
                 self._entries[namespace] = (generation, entries)
         return hosts_text(pod, entries, self.api_host)
+
+    def firewall_for(self, pod: Obj) -> tuple[str, str] | None:
+        """The pod's iptables and ip6tables filter tables (iptables-restore input) for the NetworkPolicies now;
+        None before the policies and namespaces were listed."""
+        if not (self.policies_listed.is_set() and self.namespaces_listed.is_set()):
+            return None
+        with self.lock:
+            if self._policy_index is None or self._policy_index[0] != self.generation:
+                index = PolicyIndex(self.policies.values(), self._pods_with_addresses(), self.namespaces.values())
+                self._policy_index = (self.generation, index)
+            index = self._policy_index[1]
+        rules = index.rules_for(pod)
+        return render_v4(rules, self.api_host), render_v6(rules is not None)
+
+    def _pods_with_addresses(self) -> list[Obj]:
+        """Every pod, its podIP the one its worker holds (published or not yet). Under the lock."""
+        pods = []
+        for uid, cached in self.pods.items():
+            worker = self.workers.get(uid)
+            if worker is not None and not worker.host_network:
+                cached = {**cached, "status": {**cached.get("status", {}), "podIP": worker.pod_ip}}  # noqa: PLW2901
+            pods.append(cached)
+        return pods
 
     def container_running(self, namespace: str, name: str, container: str) -> bool:
         """Whether that container has a process now (a followed log ends when it has not)."""
@@ -257,23 +286,34 @@ class Agent:
                 procs.kill_group(leftover, signal.SIGKILL)
 
     def watch_services(self) -> None:
-        listing = self.client.get("/api/v1/services")
+        self._mirror("/api/v1/services", self.services)
+
+    def watch_policies(self) -> None:
+        self._mirror("/apis/networking.k8s.io/v1/networkpolicies", self.policies, self.policies_listed)
+
+    def watch_namespaces(self) -> None:
+        self._mirror("/api/v1/namespaces", self.namespaces, self.namespaces_listed)
+
+    def _mirror(self, path: str, into: dict[tuple[str, str], Obj], listed: threading.Event | None = None) -> None:
+        """Keeps `into` (keyed by namespace and name) equal to the collection at `path`, bumping the generation
+        at every change (hosts files and pods' iptables rules are computed again)."""
+        listing = self.client.get(path)
         with self.lock:
-            self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in listing["items"]}
+            into.clear()
+            into.update({_key(o): o for o in listing["items"]})
             self.generation += 1
-        for kind, obj in self.client.watch(
-            "/api/v1/services", listing["metadata"]["resourceVersion"], timeout_s=WATCH_S
-        ):
+        if listed is not None:
+            listed.set()
+        for kind, obj in self.client.watch(path, listing["metadata"]["resourceVersion"], timeout_s=WATCH_S):
             if self.stop_event.is_set() or kind == "ERROR":
                 return
             if kind not in ("ADDED", "MODIFIED", "DELETED"):
                 continue  # BOOKMARK
-            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
             with self.lock:
                 if kind == "DELETED":
-                    self.services.pop(key, None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    self.services[key] = obj
+                    into.pop(_key(obj), None)
+                else:
+                    into[_key(obj)] = obj
                 self.generation += 1
 
     def heartbeat(self) -> None:
@@ -296,13 +336,22 @@ class Agent:
         server.serve_in_background()
         node.register(self.client, self.node_name, self.api_host, self.kubelet_port)
         _log(f"registered node {self.node_name}")
-        threads = [
-            threading.Thread(target=self._loop, args=("pods", self.watch_pods, 0.0), daemon=True),
-            threading.Thread(target=self._loop, args=("services", self.watch_services, 0.0), daemon=True),
-            threading.Thread(target=self._loop, args=("heartbeat", self.heartbeat, HEARTBEAT_S), daemon=True),
+        loops: list[tuple[str, Callable[[], None], float]] = [
+            ("services", self.watch_services, 0.0),
+            ("heartbeat", self.heartbeat, HEARTBEAT_S),
         ]
-        for t in threads:
-            t.start()
+        enforcing = isinstance(self.iptables, firewall.Iptables)
+        if enforcing:
+            _log(f"enforcing NetworkPolicy ingress with {self.iptables}")
+            loops += [("policies", self.watch_policies, 0.0), ("namespaces", self.watch_namespaces, 0.0)]
+        else:
+            _log(f"NetworkPolicy is NOT enforced (pods accept all traffic): {self.iptables}")
+        for name, body, pause in loops:
+            threading.Thread(target=self._loop, args=(name, body, pause), daemon=True).start()
+        if enforcing:  # pods start (or are adopted) with their rules, not open until the policies are known
+            self.policies_listed.wait(POLICIES_WAIT_S)
+            self.namespaces_listed.wait(POLICIES_WAIT_S)
+        threading.Thread(target=self._loop, args=("pods", self.watch_pods, 0.0), daemon=True).start()
         self.stop_event.wait()
         _log("stopping: killing every pod's processes")
         with self.lock:
@@ -312,6 +361,10 @@ class Agent:
         for w in workers:
             w.finished.wait(30)
         _log("stopped")
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
 
 def main(argv: list[str] | None = None) -> None:

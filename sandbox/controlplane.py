@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import certs, containerlog, network, procs
+from weightsync.sandbox import certs, containerlog, firewall, network, procs
 from weightsync.sandbox.components import (
     AUDIT_POLICY,
     Layout,
@@ -208,6 +208,7 @@ class Sandbox:
                 _log(f"starting {name}")
                 procs.spawn(name, argv, lay.run, lay.logs)
         if not procs.running_pid(AGENT, lay.run):
+            self._provide_iptables()
             _log(f"starting the node agent ({NODE_NAME})")
             procs.spawn(AGENT, self._agent_argv(ports), lay.run, lay.logs, env=self._agent_env())
         from weightsync.sandbox.supervisor import write_components
@@ -224,6 +225,20 @@ class Sandbox:
             argv = [sys.executable, "-m", "weightsync.sandbox.supervisor", "--state-dir", str(self.state_dir)]
             procs.spawn(SUPERVISOR, argv, lay.run, lay.logs)
         _log(f"ready: KUBECONFIG={self.kubeconfig} (API server {self.api_server_url})")
+
+    def _provide_iptables(self) -> None:
+        """The tools that enforce NetworkPolicy (fetched into ~/.cache once), recorded for the node agent."""
+        found = firewall.provide()
+        firewall.record(self.state_dir, found)
+        if isinstance(found, firewall.Iptables):
+            _log(f"NetworkPolicy ingress enforced with {found.multi}")
+        else:
+            _log(f"WARNING: NetworkPolicy is NOT enforced (pods accept all traffic): {found}")
+
+    @property
+    def network_policy(self) -> firewall.Iptables | str:
+        """The iptables tools the node agent enforces NetworkPolicy with, or why it does not."""
+        return firewall.recorded(self.state_dir)
 
     def down(self) -> None:
         """Stops every process (pods, agent, control plane), pod namespaces and the bridge; idempotent."""

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from weightsync.sandbox import containers, hostsfile, network, podstatus, procs, volumes
+from weightsync.sandbox import containers, firewall, hostsfile, netpolicy, network, podstatus, procs, volumes
 from weightsync.sandbox.agentlog import log
 from weightsync.sandbox.gpus import GpuAllocator
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
@@ -76,6 +76,9 @@ class AgentContext:
     hosts_generation: Callable[[], int]
     release_ip: Callable[[str], None]
     gpus: GpuAllocator
+    #: the pod's iptables and ip6tables filter tables (NetworkPolicy ingress) at the current generation
+    firewall_for: Callable[[Obj], tuple[str, str] | None] | None = None
+    iptables: firewall.Iptables | str = "not configured"  # the tools, or why NetworkPolicy is not enforced
 
 
 @dataclass
@@ -143,6 +146,9 @@ class PodWorker(threading.Thread):
         self.next_full_sync = 0.0
         self.hosts_text = ""
         self.hosts_generation = -1
+        #: the filter tables as applied to the pod's network namespace; None: unknown (an adopted namespace)
+        self.firewall_text: tuple[str, str] | None = None
+        self.firewall_generation = -1
         self.lock = threading.Lock()
         # its directory is there: an earlier agent ran this pod, and its containers may still run (adopted)
         self.adopting = (self.dir / "run").is_dir()
@@ -193,6 +199,7 @@ class PodWorker(threading.Thread):
                 return
         self._refresh_volumes(pod)
         self._write_hosts(pod)
+        self._write_firewall(pod)
         phase = self._phase(pod)
         if phase not in ("Succeeded", "Failed"):
             pending_init = next((c for c in self.containers if c.init and not c.done), None)
@@ -257,6 +264,8 @@ class PodWorker(threading.Thread):
         try:
             if self.netns and not Path(f"/run/netns/{self.netns}").exists():
                 network.create_pod_netns(self.ctx.net, self.netns, self.pod_ip)
+                self.firewall_text = netpolicy.OPEN  # a new namespace's tables are empty
+            self._write_firewall(pod)  # before any container listens
             etc = self.dir / "etc"
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(resolv_conf(pod["metadata"]["namespace"]))
@@ -281,6 +290,24 @@ class PodWorker(threading.Thread):
         if text != self.hosts_text:
             hostsfile.rewrite(self.dir / "etc" / "hosts", text)  # in place, never empty: see hostsfile.py
             self.hosts_text = text
+
+    def _write_firewall(self, pod: Obj) -> None:
+        """The NetworkPolicy ingress rules in the pod's network namespace, changed when what they depend on
+        (policies, pods' addresses and labels, namespaces' labels) changed; a pod no policy selects gets none."""
+        if self.netns is None or self.ctx.firewall_for is None or not isinstance(self.ctx.iptables, firewall.Iptables):
+            return  # hostNetwork pods are never isolated (as on a real cluster); or not enforced
+        generation = self.ctx.hosts_generation()
+        if generation == self.firewall_generation:
+            return
+        text = self.ctx.firewall_for(pod)
+        if text is None:
+            return  # the policies are not known yet: unchanged
+        if text != self.firewall_text:
+            self.ctx.iptables.restore(self.netns, *text)
+            if (text == netpolicy.OPEN) != (self.firewall_text == netpolicy.OPEN):
+                self._log("NetworkPolicy: " + ("open (no policy selects it)" if text == netpolicy.OPEN else "isolated"))
+            self.firewall_text = text
+        self.firewall_generation = generation
 
     def _teardown(self) -> None:
         if self.netns:
