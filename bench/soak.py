@@ -53,6 +53,8 @@ ENGINES = (f"{NAME}-inference-0", f"{NAME}-inference-1")
 #: rendezvous.timeoutSeconds of the soak's group (every runtime wait and the heartbeat threshold).
 TIMEOUT = 10.0
 BALLAST_MB = 4
+#: failurePolicy.maxBackoffSeconds of the soak's group (see `manifest`).
+MAX_BACKOFF_S = 2.0
 KINDS = ("kill-inference-pod", "kill-worker", "kill-trainer", "stop-worker-short", "stop-worker-long",
          "stop-trainer-short", "stop-trainer-long")
 
@@ -86,6 +88,7 @@ class Soak:
     command: str
     timeout_s: float = TIMEOUT
     ballast_mb: int = BALLAST_MB
+    max_backoff_s: float = MAX_BACKOFF_S
     faults: list[Fault] = field(default_factory=list)
     hangs: list[str] = field(default_factory=list)
     syncs_reported: int = 0
@@ -149,6 +152,9 @@ class Group:
 def manifest() -> dict[str, Any]:
     ws = run_demo.demo_manifest(NAME, steps=0, interval=0.2, timeout=TIMEOUT, ballast_mb=BALLAST_MB, backoff=1.0)
     ws["spec"]["failurePolicy"]["maxRestarts"] = 10_000  # the soak counts restarts; it never wants Failed
+    # The backoff doubles with every restart over the object's life (up to maxBackoffSeconds, 60 s by default):
+    # thirty faults in twenty minutes would measure the configured backoff, not the recovery.
+    ws["spec"]["failurePolicy"]["maxBackoffSeconds"] = MAX_BACKOFF_S
     return ws
 
 
