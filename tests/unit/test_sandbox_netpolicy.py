@@ -176,3 +176,16 @@ def test_rendered_tables() -> None:
         "-A INPUT -j DROP",
     ]
     assert "-j DROP" in render_v6(True) and "ipv6-icmp" in render_v6(True)
+
+
+def test_selectors_of_several_labels_or_only_expressions() -> None:
+    db = pod("db", "10.0.0.40", app="server", tier="db")
+    zoned = pod("zoned", "10.0.0.41", role="client", zone="z")
+    everyone = [*PODS, db, zoned]
+    both = policy("both", {"podSelector": {"matchLabels": {"tier": "db", "app": "server"}}})
+    assert rules(both, target=db, pods=everyone) == []
+    assert rules(both, pods=everyone) is None, "one of the two labels only"
+    exists = policy("exists", {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}})
+    assert rules(exists, pods=everyone) == [] and rules(exists, target=CLIENT, pods=everyone) is None
+    peer = {"from": [{"podSelector": {"matchLabels": {"zone": "z", "role": "client"}}}]}
+    assert sources(rules(policy("p", {"podSelector": ON_SERVER, "ingress": [peer]}), pods=everyone)) == {"10.0.0.41/32"}
