@@ -16,7 +16,9 @@ and one more after every failure the members heal from) has its own keys, and in
     f<n>/r/<seq>/verdict/<rank>  each receiver: the problems it found (none: ready)
     f<n>/r/<seq>/go              the trainer: everyone's problems (none: data follows)
     f<n>/r/<seq>/ack/<rank>      each receiver: all data arrived (checksum errors, if any)
-    f<n>/r/<seq>/done            the trainer: every receiver has it (problems elsewhere, if any)
+    f<n>/r/<seq>/done            the sync's outcome, claimed once (compare-and-set): the trainer's "every
+                                 receiver has it" (problems elsewhere, if any), or a receiver's "abandoned"
+                                 when it gave up waiting for that word; whichever came first stands for all
 
 Clean-up: the trainer deletes sync seq-1's keys once every receiver answered sync seq (they are past it),
 a formation's keys when the next one forms, and an epoch's keys when the group forms at a newer epoch.
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from weightsync.runtime.errors import ChecksumError, ConfigMismatchError, PeerLostError
+from weightsync.runtime.errors import ChecksumError, ConfigMismatchError, PeerLostError, WeightSyncError
 from weightsync.runtime.keystore import KeyStore
 
 #: Raises to stop a wait: a peer died, another member aborted, the deadline passed.
@@ -138,7 +140,11 @@ class TrainerRound(Round):
         names = [self._k(f"ack/{r}") for r in self.receivers]
         acks = self._wait(names, f"the end of sync {self.version_hint}", self.receivers)
         bad = [f"{self.describe(r)}: {e}" for r, a in zip(self.receivers, acks, strict=True) for e in a["errors"]]
-        self.keys.put(self._k("done"), {"problems": bad})
+        # Every receiver has the data, but one may have given up waiting for this word (the trainer was
+        # stopped or starved past the threshold) and abandoned the version: then it is not synced.
+        outcome = self.keys.claim(self._k("done"), {"problems": bad})
+        if "problems" not in outcome:
+            raise abandoned_error(outcome, self.version_hint, self.describe)
         if self.seq > 0:  # every receiver answered this sync's manifest, so all are past the previous one
             self.keys.delete_prefix(self.formation.round(self.seq - 1))
         if bad:
@@ -163,10 +169,32 @@ class ReceiverRound(Round):
         self.keys.put(self._k(f"ack/{self.rank}"), {"errors": errors[:20]})
 
     def await_done(self) -> None:
-        """A sync counts only once every member has it: wait for the trainer's word on the others."""
-        bad = self._wait([self._k("done")], f"the trainer's confirmation of {self.version_hint}", [0])[0]["problems"]
+        """A sync counts only once every member has it: wait for the trainer's word on the others. Giving up
+        (the trainer stalled, another member aborted) is itself claimed as the sync's outcome, so that the
+        trainer cannot report the version as synced afterwards; if its word came first, the sync stands."""
+        try:
+            outcome = self._wait([self._k("done")], f"the trainer's confirmation of {self.version_hint}", [0])[0]
+        except WeightSyncError as err:
+            claim = {"abandoned_by": self.rank, "ranks": list(err.members_at_fault), "reason": str(err)[:1000]}
+            try:
+                outcome = self.keys.claim(self._k("done"), claim)
+            except WeightSyncError:
+                raise err from None
+            if "problems" not in outcome:
+                raise
+        if "problems" not in outcome:
+            raise abandoned_error(outcome, self.version_hint, self.describe)
+        bad = outcome["problems"]
         if bad:
             raise ChecksumError(f"sync {self.version_hint} arrived corrupted elsewhere: " + "; ".join(bad))
+
+
+def abandoned_error(outcome: dict[str, Any], version_hint: str, describe: Describe) -> PeerLostError:
+    """The error of a sync that a receiver abandoned (its claim on the outcome stood)."""
+    by = int(outcome.get("abandoned_by", -1))
+    ranks = tuple(int(r) for r in outcome.get("ranks", ()))
+    return PeerLostError(f"sync {version_hint} was abandoned by {describe(by)} before the trainer confirmed it: "
+                         f"{outcome.get('reason', '')}", ranks=ranks)
 
 
 def manifest_key(formation: FormationKeys, seq: int) -> str:

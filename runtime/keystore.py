@@ -88,6 +88,20 @@ class KeyStore:
         except StoreUnreachable as err:
             raise trainer_unreachable(err) from err
 
+    def claim(self, key: str, value: Any) -> Any:
+        """Write `value` under `key` unless a value is there already; returns the value that stands (this one,
+        or the one written first). One compare-and-set in the store: members racing to decide one thing (the
+        trainer confirming a sync, a receiver abandoning it) all see the same winner."""
+        full = self.full_name(key)
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if len(data) > PART_BYTES:
+            raise ValueError(f"a claim on {key!r} must fit one store value ({len(data)} bytes)")
+        try:
+            stored = self.client.compare_set(full, b"", self.sealer.seal(full, _PLAIN + data))
+        except StoreUnreachable as err:
+            raise trainer_unreachable(err) from err
+        return self._open(full, stored)
+
     # --------------------------------------------------------------------------------------- reading
     def _open(self, full: str, sealed: bytes) -> Any:
         plain = self.sealer.open(full, sealed)
