@@ -59,9 +59,10 @@ def test_peak_memory_of_every_trainer_rank_stays_within_the_buffers_plus_the_lar
     assert results[1]["digests"] == results[0]["digests"]
 
 
-@pytest.mark.parametrize(("world", "victim", "how"), [(2, 1, "kill"), (4, 2, "kill"), (4, 3, "raise"), (2, 0, "kill")],
+@pytest.mark.parametrize(("world", "victim", "how"), [(2, 1, "kill"), (4, 2, "kill"), (4, 3, "raise"), (2, 0, "kill"),
+                                                    (2, 1, "stop")],
                          ids=["2-ranks-rank1-killed", "4-ranks-rank2-killed", "4-ranks-rank3-raises",
-                              "2-ranks-rank0-killed"])
+                              "2-ranks-rank0-killed", "2-ranks-rank1-stopped"])
 def test_a_trainer_rank_lost_mid_gather_is_named_on_every_trainer_rank_and_receiver(world: int, victim: int,
                                                                                    how: str) -> None:
     envs = group_envs(replicas=2, workers_per_replica=1, timeout=TIMEOUT, buffer_bytes=1 << 16)

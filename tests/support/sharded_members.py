@@ -83,7 +83,8 @@ def _full_digest(model: torch.nn.Module, rank: int) -> str:
 
 class _Faulty:
     """The model's parameters as a source whose gathers, on `victim`, stop at tensor `at`: SIGKILL (a real
-    kill, after that gather) or an exception (this rank never joins the next gather)."""
+    kill, after that gather), SIGSTOP (stopped there for good) or an exception (this rank never joins the next
+    gather)."""
 
     def __init__(self, items: list[tuple[str, torch.Tensor]], victim: int, rank: int, at: int, how: str,
                  announce: Queue[Any] | None) -> None:
@@ -98,12 +99,13 @@ class _Faulty:
     def iter_full(self, gather_only: bool = False) -> Iterator[torch.Tensor | None]:
         for i, t in enumerate(self.inner.iter_full(gather_only)):
             if self.rank == self.victim and i == self.at:
-                if self.how == "kill":
+                if self.how in ("kill", "stop"):
                     if self.announce is not None:
                         self.announce.put({"rank": -100, "killed_at": time.time(), "victim": self.rank})
                         self.announce.close()
                         self.announce.join_thread()  # on its way before the kill
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    # stop: alive, connected, silent (a wedged or SIGSTOPped rank), until the group is torn down
+                    os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGSTOP)
                 raise RuntimeError(f"a bug in trainer rank {self.rank}'s producer")
             yield t
 
@@ -113,7 +115,7 @@ def run_fsdp_trainer(env: MemberEnv, rank: int, world: int, job_port: int, versi
                      fault: dict[str, Any] | None = None, job_timeout: float = 60.0) -> None:
     """Trainer rank `rank` of a `world`-rank FSDP2 job: sends `versions` versions, changing the weights
     between them. Reports per version the full digest (rank 0), the report, and with `measure` the peak
-    extra resident memory of the send. `fault`: {victim, at, how: kill|raise, version}."""
+    extra resident memory of the send. `fault`: {victim, at, how: kill|stop|raise, version}."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -205,7 +207,7 @@ def run_sharded_group(envs: list[MemberEnv], world: int, *, versions: int = 3, l
     ctx = mp.get_context("spawn")
     results: Queue[Any] = ctx.Queue()
     job_port = free_port()
-    if fault is not None and fault.get("how") == "kill":
+    if fault is not None and fault.get("how") in ("kill", "stop"):
         fault = {**fault, "queue": results}
     procs = [ctx.Process(target=run_fsdp_trainer, args=(envs[0], r, world, job_port, versions, results),
                          kwargs={"layers": layers, "width": width, "measure": measure, "fault": fault},
