@@ -21,6 +21,11 @@ class WeightSyncError(RuntimeError):
         group re-forms without me" (this process's rank not among them) from a failure of its own."""
         return ()
 
+    def caused_by_others(self, rank: int) -> bool:
+        """Whether this error names its cause and `rank` (the caller's own) is not among it: a failure a retry
+        loop should not count as its own."""
+        return bool(self.members_at_fault) and rank not in self.members_at_fault
+
 
 class RendezvousError(WeightSyncError):
     """The group could not be formed: the store is unreachable or members did not arrive in time."""

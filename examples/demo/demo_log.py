@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import IO
+from typing import IO, Any
 
 READ_BYTES = 64 * 1024
 
@@ -58,6 +58,15 @@ def emit(line: str, fd: int = 1) -> None:
     """One line and its newline with one write call (what print(line, flush=True) does only when stdout
     is buffered)."""
     write_lines((line.rstrip("\n") + "\n").encode(errors="replace"), fd)
+
+
+def sync_line(report: Any, loss: float, checksum: str, output: str, mean: float) -> str:
+    """A trainer's line for one sync it reported (`report`, a SyncReport), which the demo's checker and the
+    e2e tests parse (run_demo.parse_trainer): `checksum`, `output` and `mean` of the weights it sent."""
+    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={checksum} "
+            f"output={output} mean={mean:.6f} tensors={report.tensors} bytes={report.bytes} "
+            f"seconds={report.seconds:.4f} gbps={report.gbps:.3f} acked={len(report.acked)} "
+            f"transport={report.transport}")
 
 
 def relay(source: IO[bytes], fd: int) -> threading.Thread:

@@ -101,7 +101,7 @@ def run_worker(local_rank: int) -> int:
         except WeightSyncError as err:  # the group re-forms (by itself, or at the operator's next epoch)
             if _stopping:
                 return 0
-            failures += 0 if err.members_at_fault and receiver.rank not in err.members_at_fault else 1
+            failures += 0 if err.caused_by_others(receiver.rank) else 1
             log(f"receive failed ({failures}/{MAX_FAILURES}): {err}")
             if failures >= MAX_FAILURES:
                 return 1

@@ -98,7 +98,7 @@ def sync(sender: WeightSender, model: torch.nn.Module, version: int) -> SyncRepo
         except WeightSyncError as err:
             if _stopping:
                 raise SystemExit(0) from None
-            others = bool(err.members_at_fault) and 0 not in err.members_at_fault  # not the trainer's own
+            others = err.caused_by_others(0)  # not the trainer's own failure
             failures += 0 if others else 1
             log(f"sync v={version} failed (attempt {attempt}, failure {failures}/{MAX_ATTEMPTS}): {err}")
             if failures >= MAX_ATTEMPTS:
@@ -115,10 +115,7 @@ def sent_checksum(sender: WeightSender, model: torch.nn.Module) -> str:
 
 def report_line(report: SyncReport, model: torch.nn.Module, loss: float, sent: str) -> str:
     output, mean = probe(model)
-    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={sent} "
-            f"output={output} mean={mean:.6f} tensors={report.tensors} bytes={report.bytes} "
-            f"seconds={report.seconds:.4f} gbps={report.gbps:.3f} acked={len(report.acked)} "
-            f"transport={report.transport}")
+    return demo_log.sync_line(report, loss, sent, output, mean)
 
 
 def main() -> int:

@@ -140,8 +140,7 @@ def sync(sender: WeightSender, model: TinyLM, version: int) -> SyncReport:
         except ConfigMismatchError:
             raise
         except WeightSyncError as err:  # only failures of the trainer's own count (as in the demo trainer)
-            others = bool(err.members_at_fault) and 0 not in err.members_at_fault
-            failures += agreed(0 if others else 1)  # the same count on every rank
+            failures += agreed(0 if err.caused_by_others(0) else 1)  # the same count on every rank
             log(f"sync v={version} failed (attempt {attempt}, failure {failures}/{MAX_ATTEMPTS}): {err}")
             if failures >= MAX_ATTEMPTS:
                 raise SystemExit(f"sync v={version} failed {MAX_ATTEMPTS} times in a row; giving up") from None
@@ -176,18 +175,12 @@ def fingerprint(model: TinyLM, whole: TinyLM) -> tuple[str, str, float]:
     return checksum(whole), output, mean
 
 
-def report_line(report: SyncReport, loss: float, fp: tuple[str, str, float]) -> str:
-    return (f"sync v={report.version} epoch={report.epoch} loss={loss:.4f} checksum={fp[0]} output={fp[1]} "
-            f"mean={fp[2]:.6f} tensors={report.tensors} bytes={report.bytes} seconds={report.seconds:.4f} "
-            f"gbps={report.gbps:.3f} acked={len(report.acked)} transport={report.transport}")
-
-
 def synced(sender: WeightSender, model: TinyLM, whole: TinyLM, version: int, loss: float) -> int:
     """Sync `version`, log it (rank 0) and return the epoch it reached."""
     report = sync(sender, model, version)
     fp = fingerprint(model, whole)
     if RANK == 0:
-        log(report_line(report, loss, fp))
+        log(demo_log.sync_line(report, loss, *fp))  # the demo trainer's line: its engines answer it
     else:
         log(f"sync v={report.version} at epoch {report.epoch}: joined the gathers")
     return report.epoch

@@ -19,3 +19,11 @@ def test_an_error_that_names_nobody_blames_nobody() -> None:
     assert WeightSyncError("?").members_at_fault == ()
     assert ConfigMismatchError("buffer sizes differ").members_at_fault == ()
     assert RendezvousError("cannot host the store").members_at_fault == ()
+
+
+def test_a_retry_loop_counts_only_failures_that_do_not_blame_only_others() -> None:
+    lost_rank_3 = PeerLostError("rank 3 died", ranks=(3,))
+    assert lost_rank_3.caused_by_others(0) and lost_rank_3.caused_by_others(1)
+    assert not lost_rank_3.caused_by_others(3)  # this member was the one declared lost
+    assert not WeightSyncError("?").caused_by_others(0)  # names nobody: counts
+    assert RendezvousError("the trainer did not form the group", missing_ranks=(0,)).caused_by_others(2)
