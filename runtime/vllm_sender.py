@@ -265,31 +265,28 @@ class VllmSender:
         """
         deadline = time.monotonic() + self.timeout
         sizes: dict[EngineClient, int] = {}
-        waiting: dict[EngineClient, EngineError] = {}
         announced = False
         while True:
-            pending = [e for e in self.engines if e not in sizes]
-            futures = [(e, self._pool.submit(e.bounded(max(0.1, min(self.timeout, deadline - time.monotonic())))
-                                             .get_world_size)) for e in pending]
+            bound = max(0.1, min(self.timeout, deadline - time.monotonic()))
+            futures = [(e, self._pool.submit(e.bounded(bound).get_world_size)) for e in self.engines if e not in sizes]
+            silent: dict[EngineClient, EngineError] = {}  # in server order, as asked
             for engine, future in futures:
                 try:
                     sizes[engine] = future.result()
-                    waiting.pop(engine, None)
                 except EngineError as err:
                     if err.status not in (None, 503):
                         raise
-                    waiting[engine] = err
-            if not waiting:
+                    silent[engine] = err
+            if not silent:
                 return [sizes[e] for e in self.engines]
             if time.monotonic() >= deadline:
-                silent = sorted(waiting, key=self.engines.index)
                 raise RendezvousError(
                     f"{len(silent)} of {len(self.engines)} vLLM servers did not answer GET /get_world_size within "
-                    f"{self.timeout:g}s: " + "; ".join(str(waiting[e]) for e in silent),
+                    f"{self.timeout:g}s: " + "; ".join(str(err) for err in silent.values()),
                     missing_ranks=tuple(r for e in silent for r in e.ranks))
             if not announced:
                 log.info("waiting up to %gs for vLLM servers to answer: %s", self.timeout,
-                         ", ".join(e.describe() for e in sorted(waiting, key=self.engines.index)))
+                         ", ".join(e.describe() for e in silent))
                 announced = True
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
