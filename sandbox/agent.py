@@ -61,7 +61,7 @@ class Agent:
         self.policies_listed, self.namespaces_listed = threading.Event(), threading.Event()
         self.workers: dict[str, PodWorker] = {}
         self.addresses = network.AddressPool(self.net.pod_addresses())
-        self.generation = 0  # bumped on every change a hosts file depends on
+        self.generation = 0  # bumped on every change a hosts file or a pod's iptables rules depend on
         #: namespace -> (generation, its cluster_entries at that generation)
         self._entries: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         self.swept = False  # what an earlier agent left: adopted or removed after the first pod listing

@@ -200,4 +200,3 @@ class AddressPool:
 
     def release(self, address: str) -> None:
         self._used.discard(address)
-
