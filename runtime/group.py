@@ -506,13 +506,22 @@ class SyncGroup:
         return text
 
     def name_the_lost(self, err: BaseException, what: str) -> BaseException:
-        """Turn a transport error (a gloo socket reset) into a PeerLostError naming whoever is lost."""
+        """Turn a transport error (a gloo socket reset, a collective timing out) into a PeerLostError naming
+        whoever is at fault: a member that is lost, or the cause another member posted in its abort. A
+        communicator's own timeout can end this member's wait a moment before the member that knows the
+        cause (the trainer, finding one of its own ranks stalled) has said so: it is given that moment."""
         if (isinstance(err, WeightSyncError) and not isinstance(err, TransportError)) or self.liveness is None:
             return err
-        give_up = time.monotonic() + 2.0
+        posted = self.checker(what)
+        give_up = time.monotonic() + max(2.0, min(5.0, self.timeout / 2))
         while time.monotonic() < give_up:
             try:
+                if self.keys is not None:
+                    posted()  # another member's abort, the group re-formed, the trainer lost
                 lost = self.liveness.lost(range(self.world_size))
+            except PeerLostError as named:
+                named.args = (f"{named.args[0]} (here: {err})", *named.args[1:])
+                return named
             except WeightSyncError as store_err:
                 return store_err
             gone = [r for r, why in lost if "connection" in why] or [r for r, _ in lost]

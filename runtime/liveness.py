@@ -84,13 +84,22 @@ class Liveness:
                                f"the threshold follows the timeout: {self.dead_after:.0f}s)"))
         return out
 
+    def quiet_for(self, rank: int) -> float | None:
+        """Seconds since `rank`'s heartbeat last moved, as this observer saw it (None: never observed)."""
+        last = self._seen.get(rank)
+        return None if last is None else time.monotonic() - last[1]
+
+    def is_quiet(self, rank: int) -> bool:
+        """`rank`'s heartbeat stopped moving for long enough to say it is not merely between two beats."""
+        quiet = self.quiet_for(rank)
+        return quiet is not None and quiet >= max(2 * self.interval, 1.0)
+
     def silence(self, rank: int) -> str:
         """Why `rank` may have been silent, as far as its heartbeat tells."""
-        last = self._seen.get(rank)
-        if last is None:
+        quiet = self.quiet_for(rank)
+        if quiet is None:
             return "its heartbeat was not observed"
-        quiet = time.monotonic() - last[1]
-        if quiet >= max(2 * self.interval, 1.0):
+        if self.is_quiet(rank):
             return f"no heartbeat for {quiet:.1f}s: stopped, wedged or cut off"
         return "its heartbeat goes on: alive, but not taking part (busy elsewhere, not calling receive?)"
 

@@ -319,16 +319,26 @@ class WeightSender(GroupMember):
                         if job is not None:
                             job.go(seq, passes)
                         gathers = Gathers(source.iter_full(), len(specs), lambda i: specs[i].name)
-                        data_check = sync.data_check
+                        data_check, round_check, deadline = sync.data_check, sync.check, sync.deadline
 
                         def check() -> None:
                             data_check()
                             job_check()
 
+                        def gather_check() -> None:
+                            # Waiting on the trainer's own gathers: when the round's deadline passes here,
+                            # the trainer job holds the sync up, not the receivers.
+                            job_check()
+                            round_check()
+                            if time.monotonic() >= deadline:
+                                raise (job.overdue(f"{what} (gathers)") if job is not None else TrainerJobError(
+                                    f"{what}: the tensor source did not produce {pending.name(pending.fetched)!r} "
+                                    f"within {timeout:g}s", (0,)))
+
                         pending = gathers
                         first, enqueued = send_chunks_lazy(
-                            group.comm, plan, specs, lambda: self._fetch(pending, job, seq, what, check), views,
-                            self.buffers, check)
+                            group.comm, plan, specs, lambda: self._fetch(pending, job, seq, what, gather_check),
+                            views, self.buffers, check)
                 sync.collect_acks()
                 assert group.epoch is not None
                 self.last_timings = {"layout_seconds": laid_out - started,

@@ -262,14 +262,27 @@ class TrainerJob:
                 extra()
             now = time.monotonic()
             if now >= deadline:
-                raise TrainerJobError(f"{what} timed out after {self.timeout:g}s on trainer rank {self.rank}",
-                                      (self.rank,), job_lost=True)
+                raise self.overdue(what)
             if now - self._last_check < _CHECK_EVERY:
                 return
             self._last_check = now
             self.raise_if_failed(seq, what)
 
         return check
+
+    def overdue(self, what: str) -> TrainerJobError:
+        """A deadline passed inside the job's collectives: name the ranks whose heartbeat went quiet, which
+        hold the gathers up (a rank stopped a moment before the deadline is not yet past the dead-peer
+        threshold, and must not pass for a receiver's or this rank's fault); else this rank's own wait."""
+        quiet = [r for r in self.others if r in self.joined and self.liveness is not None
+                 and self.liveness.is_quiet(r)]
+        if quiet:
+            assert self.liveness is not None
+            return TrainerJobError(f"{what} did not complete within {self.timeout:g}s: "
+                                   + "; ".join(f"{self.describe(r)}: {self.liveness.silence(r)}" for r in quiet),
+                                   tuple(quiet), job_lost=True)
+        return TrainerJobError(f"{what} timed out after {self.timeout:g}s on {self.describe(self.rank)}, every "
+                               "other trainer rank beating", (self.rank,), job_lost=True)
 
     def raise_if_failed(self, seq: int, what: str) -> None:
         try:
