@@ -82,14 +82,15 @@ def member_actions(
         return MemberPlan(actions, events)
     if hold_creates:
         return MemberPlan(actions, events, held=[s.pod for s in missing])
-    delay = backoff_left(group.spec, m.restarts, m.last_failure, now)
+    delay = backoff_left(group.spec, m.streak, m.last_failure, now)
     if delay > 0:
         if m.failures:
             events.append(
                 Event(
                     "Normal",
                     c.REASON_BACKOFF,
-                    f"re-creating {len(missing)} member(s) in {delay:.1f}s (restart {m.restarts})",
+                    f"re-creating {len(missing)} member(s) in {delay:.1f}s "
+                    f"(restart {m.restarts}, backoff step {m.streak})",
                 )
             )
         return MemberPlan(actions, events, requeue_after=delay, waiting_backoff=True)

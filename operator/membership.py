@@ -4,7 +4,9 @@ Pure. The epoch (`status.epoch`) and the world size at that epoch (`status.world
 identity; the epoch is bumped when the membership changes:
 
 - a failure: a member pod failed or exited, or a recorded member vanished or is being deleted while it was
-  up to date. Failures count against `failurePolicy.maxRestarts` and start the backoff;
+  up to date. Failures count against `failurePolicy.maxRestarts` and start the backoff, which doubles with
+  each failure of a streak (a failure `failurePolicy.backoffResetSeconds` after the previous one starts a
+  new streak);
 - a change, which costs an epoch and nothing else: a scale; a recorded member that was out of date (made from
   an older template) deleted by the user (updateStrategy OnDelete); out-of-date members the operator replaces
   itself (updateStrategy Replace, or members holding a replaced token, whatever the strategy).
@@ -26,7 +28,7 @@ from . import constants as c
 from . import desired
 from .decision import Event
 from .observed import Observed, ObservedPod, member_is_current
-from .timefmt import rfc3339
+from .timefmt import parse_time, rfc3339
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Membership:
     scaled: bool
     restarts: int
     last_failure: str | None
+    #: Failures since the backoff last reset (failurePolicy.backoffResetSeconds between two failures).
+    streak: int
     #: Failures counted against maxRestarts: one per failed or lost member, but one for the trainer's job of
     #: several pods, however many of its pods ended with it.
     failures: int = 0
@@ -65,6 +69,7 @@ def membership(
     old_members: list[Member],
     old_restarts: int,
     old_last_failure: str | None,
+    old_streak: int | None,
     secret_uid: str | None,
     now: datetime,
 ) -> Membership:
@@ -114,6 +119,12 @@ def membership(
     trainer_failures = [n for n in (*failed, *lost) if n in trainer_pods]
     if len(trainer_pods) > 1 and trainer_failures:  # pod 0's ranks often exit with the pod that died first
         failures -= len(trainer_failures) - 1
+    streak = old_restarts if old_streak is None else old_streak  # (a status written before streaks existed)
+    if failures:
+        previous = parse_time(old_last_failure)
+        if previous is None or (now - previous).total_seconds() >= spec.failure_policy.backoff_reset_seconds:
+            streak = 0
+        streak += failures
     bump = failures > 0 or scaled or bool(changed) or bool(replaced_now)
     new_epoch = old_epoch + 1 if bump else old_epoch
 
@@ -167,6 +178,7 @@ def membership(
         scaled=scaled,
         restarts=old_restarts + failures,
         last_failure=rfc3339(now) if failures else old_last_failure,
+        streak=streak,
         failures=failures,
         events=events,
     )

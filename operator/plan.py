@@ -89,6 +89,7 @@ def plan(ws: WeightSyncObject, observed: Observed, now: datetime, token: str) ->
         old_members=old.members,
         old_restarts=old.restarts or 0,
         old_last_failure=old.last_failure_time,
+        old_streak=old.restart_streak,
         secret_uid=shared.secret_uid,
         now=now,
     )

@@ -246,6 +246,7 @@ def group_status(
         f"{sum(1 for s in m.slots if s.role == 'trainer')}",
         members=members,
         restarts=m.restarts,
+        restart_streak=m.streak,
         last_failure_time=m.last_failure,
         last_sync=report.last_sync,
         rejected_sync_report=report.rejected,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +350,7 @@ def test_deleted_or_failed_member_bumps_epoch_and_survivors_rejoin_in_place(
 
     sandbox.kubectl("delete", "pod", "ws-inference-0", "-n", namespace, "--wait=false")
     st = wait_ready(sandbox, namespace, 1, 3)
-    assert st["restarts"] == 1
+    assert st["restarts"] == 1 and st["restartStreak"] == 1
     after = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
     assert after["ws-inference-0"] != before["ws-inference-0"], "re-created"
     assert after["ws-trainer-0"] == before["ws-trainer-0"] and after["ws-inference-1"] == before["ws-inference-1"]
@@ -359,7 +360,7 @@ def test_deleted_or_failed_member_bumps_epoch_and_survivors_rejoin_in_place(
 
     sandbox.kubectl("annotate", "pod", "ws-inference-1", "-n", namespace, f"{FAIL_ANNOTATION}=true")
     st = wait_ready(sandbox, namespace, 2, 3)
-    assert st["restarts"] == 2
+    assert st["restarts"] == 2 and st["restartStreak"] == 2, "two failures within backoffResetSeconds: one streak"
     final = {n: p["metadata"]["uid"] for n, p in pods(sandbox, namespace).items()}
     assert final["ws-inference-1"] != after["ws-inference-1"]
     assert final["ws-trainer-0"] == before["ws-trainer-0"]
@@ -367,6 +368,22 @@ def test_deleted_or_failed_member_bumps_epoch_and_survivors_rejoin_in_place(
     failed = events(sandbox, namespace, c.REASON_MEMBER_FAILED)
     assert any("ws-inference-1" in m and "exited with code 3" in m for m in failed), failed
     assert "weightsync_epoch_changes_total 2.0" in operator.metrics()
+
+
+def test_a_failure_after_a_quiet_period_starts_a_new_backoff_streak(
+    sandbox: Sandbox, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(sandbox, namespace, manifest(replicas=1, failurePolicy={"backoffSeconds": 0.5, "backoffResetSeconds": 1}))
+    wait_ready(sandbox, namespace, 0, 2)
+    for epoch in (1, 2):
+        sandbox.kubectl("delete", "pod", "ws-inference-0", "-n", namespace, "--wait=false")
+        st = wait_ready(sandbox, namespace, epoch, 2)
+        assert st["restarts"] == epoch and st["restartStreak"] == 1, st
+        last = datetime.fromisoformat(st["lastFailureTime"].replace("Z", "+00:00"))
+        # the status keeps whole seconds: past the reset by the wall clock, whatever the rounding
+        wait_for(lambda t=last: datetime.now(UTC) >= t + timedelta(seconds=2.1), 10, "backoffResetSeconds to pass")
+    steps = events(sandbox, namespace, c.REASON_BACKOFF)
+    assert steps and all("backoff step 1" in m for m in steps), steps
 
 
 def test_max_restarts_fails_the_group(sandbox: Sandbox, namespace: str, operator: OperatorProcess) -> None:

@@ -312,6 +312,42 @@ def test_backoff_delays_recreation() -> None:
     assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == ["ws-inference-0"]
 
 
+def _recreate_after_backoff(cl: Cluster) -> float:
+    """Lose inference-0, step until it is re-created (advancing the clock by each backoff); the first delay."""
+    del cl.pods["ws-inference-0"]
+    p = cl.step()
+    first = p.requeue_after or 0.0
+    while "ws-inference-0" not in cl.pods:
+        cl.now += timedelta(seconds=p.requeue_after or 0.0)
+        p = cl.step()
+    cl.converge()
+    assert cl.status["phase"] == "Ready", cl.status
+    return first
+
+
+def test_backoff_doubles_within_a_streak_and_starts_again_after_a_quiet_period() -> None:
+    cl = ready_cluster(failurePolicy={"backoffSeconds": 2, "maxBackoffSeconds": 60, "backoffResetSeconds": 300,
+                                      "maxRestarts": 100})
+    delays = []
+    for _ in range(4):  # failures in quick succession: 2, 4, 8, 16 s
+        delays.append(_recreate_after_backoff(cl))
+        cl.now += timedelta(seconds=30)
+    assert delays == [2, 4, 8, 16]
+    assert cl.status["restarts"] == 4 and cl.status["restartStreak"] == 4
+    cl.now += timedelta(seconds=300)  # five quiet minutes since the last failure
+    assert _recreate_after_backoff(cl) == 2, "a failure after backoffResetSeconds starts a new streak"
+    assert cl.status["restarts"] == 5 and cl.status["restartStreak"] == 1, "maxRestarts still counts every one"
+    assert any("backoff step 1" in e and "restart 5" in e for e in cl.events)
+
+
+def test_a_status_from_before_streaks_keeps_its_backoff() -> None:
+    cl = ready_cluster(failurePolicy={"backoffSeconds": 2, "maxBackoffSeconds": 60, "maxRestarts": 100})
+    cl.status = {**cl.status, "restarts": 3, "lastFailureTime": "2026-01-01T00:00:00Z"}
+    cl.status.pop("restartStreak", None)
+    cl.now = T0 + timedelta(seconds=10)
+    assert _recreate_after_backoff(cl) == 16  # the 4th failure of the streak
+
+
 def test_last_sync_is_copied_from_the_trainer_annotation() -> None:
     cl = ready_cluster()
     report = {"version": 7, "tensors": 3, "bytes": 10, "seconds": 0.5, "gbps": 2.5, "transport": "gloo",

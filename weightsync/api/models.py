@@ -409,14 +409,23 @@ class FailurePolicy(_Model):
         default=1.0,
         ge=0,
         le=3600,
-        description="Delay before a lost member is re-created; doubles with every restart.",
+        description="Delay before a lost member is re-created; doubles with every restart of the current "
+        "streak (see backoffResetSeconds).",
     )
     max_backoff_seconds: float = Field(
         default=60.0, ge=0, le=86400, description="Upper bound of that delay in seconds."
     )
+    backoff_reset_seconds: float = Field(
+        default=600.0,
+        ge=1,
+        le=604800,
+        description="A failure this many seconds or more after the previous one starts a new streak: its "
+        "backoff is backoffSeconds again (as the kubelet's crash-loop backoff resets after 10 minutes). "
+        "maxRestarts still counts every failure over the object's life.",
+    )
 
     def backoff(self, restarts: int) -> float:
-        """Seconds to wait before re-creating members after the `restarts`-th failure."""
+        """Seconds to wait before re-creating members after the `restarts`-th failure of a streak."""
         if restarts <= 0 or self.backoff_seconds == 0:
             return 0.0
         return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** min(restarts - 1, 32)))
@@ -669,6 +678,11 @@ class WeightSyncStatus(_StatusModel):
     )
     members: list[Member] = Field(default_factory=list, description="The member pods that exist.")
     restarts: int | None = Field(default=None, description="Member failures so far (see failurePolicy).")
+    restart_streak: int | None = Field(
+        default=None,
+        description="Member failures of the current streak: the backoff doubles with each; a failure "
+        "failurePolicy.backoffResetSeconds after the previous one starts a new streak.",
+    )
     last_failure_time: str | None = Field(
         default=None,
         description="When the operator last saw a member fail or vanish (RFC 3339); "
