@@ -13,7 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /src
-# The context is filtered by docker/runtime.Dockerfile.dockerignore: sources and pyproject.toml only.
+# The context is filtered by docker/runtime.Dockerfile.dockerignore: sources, pyproject.toml and examples/
+# (kept at /opt/weightsync/examples, where examples/demo.yaml and examples/fsdp.yaml run them from).
 COPY . .
 # torch comes from the base image; the runtime extra must not replace it with another build (checked).
 # DL3013 (pin pip versions) does not apply: "." is this checkout, whose dependencies pyproject.toml bounds.
@@ -22,6 +23,8 @@ RUN torch_before="$(python -c 'import torch; print(torch.__version__)')" \
  && pip install --no-cache-dir ".[runtime]" \
  && test "$(python -c 'import torch; print(torch.__version__)')" = "$torch_before" \
  && python -c "import weightsync.runtime" \
+ && mkdir -p /opt/weightsync \
+ && cp -r examples /opt/weightsync/examples \
  && rm -rf /src
 RUN groupadd --system --gid 65532 weightsync \
  && useradd --system --uid 65532 --gid 65532 --create-home --home-dir /home/weightsync \

@@ -175,3 +175,16 @@ def test_build_context_is_filtered(dockerfile: Path) -> None:
     package_dirs = set(pyproject()["tool"]["setuptools"]["package-dir"].values())
     assert package_dirs | {"pyproject.toml"} <= allowed
     assert not allowed & {"tests", ".git", "bench", "charts"}
+
+
+def test_runtime_image_holds_the_examples_where_their_manifests_run_them_from() -> None:
+    """examples/*.yaml run their programs from /opt/weightsync/examples in the runtime image."""
+    ignore = RUNTIME.with_name(RUNTIME.name + ".dockerignore").read_text().splitlines()
+    assert "!examples/" in ignore
+    runs = " ".join(parse(RUNTIME)[-1].all("RUN"))
+    assert "cp -r examples /opt/weightsync/examples" in runs
+    for manifest in ("demo.yaml", "fsdp.yaml"):
+        text = (ROOT / "examples" / manifest).read_text()
+        for path in re.findall(r"value: (/opt/weightsync/examples\S*)", text):
+            relative = path.removeprefix("/opt/weightsync/examples").lstrip("/")
+            assert (ROOT / "examples" / relative).is_dir(), (manifest, path)
