@@ -77,6 +77,18 @@ def member_actions(
             )
         )
 
+    backoff = group.spec.failure_policy.backoff(m.streak)
+    if m.failures and backoff > 0:
+        # Said when the failure is counted: a deleted pod is often still terminating then, and the pass that
+        # finds it gone (and waits out the backoff) no longer knows a failure is new.
+        events.append(
+            Event(
+                "Normal",
+                c.REASON_BACKOFF,
+                f"lost members are re-created {backoff:g}s after the failure "
+                f"(restart {m.restarts}, backoff step {m.streak})",
+            )
+        )
     missing = [s for s in m.slots if s.pod not in existing]
     if not missing:
         return MemberPlan(actions, events)
@@ -84,15 +96,6 @@ def member_actions(
         return MemberPlan(actions, events, held=[s.pod for s in missing])
     delay = backoff_left(group.spec, m.streak, m.last_failure, now)
     if delay > 0:
-        if m.failures:
-            events.append(
-                Event(
-                    "Normal",
-                    c.REASON_BACKOFF,
-                    f"re-creating {len(missing)} member(s) in {delay:.1f}s "
-                    f"(restart {m.restarts}, backoff step {m.streak})",
-                )
-            )
         return MemberPlan(actions, events, requeue_after=delay, waiting_backoff=True)
     for s in missing:
         message = (

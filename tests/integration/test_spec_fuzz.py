@@ -42,6 +42,7 @@ FIELDS: dict[str, tuple[list[Any], list[Any]]] = {
     "network.rdmaResource": ([], ["memory", "kubernetes.io/ib", "ib", "rdma/ib"]),  # rdma/ib: needs nccl
     "failurePolicy.maxRestarts": ([0, 3], [-1, 10001]),
     "failurePolicy.backoffSeconds": ([0, 1], [-1, 4000]),
+    "failurePolicy.backoffResetSeconds": ([1, 600], [0, 700000]),
     "updateStrategy.type": (["OnDelete", "Replace"], ["Rolling"]),
     "engine.port": ([8000, 9000], [0, 70000]),
     "bogus": ([], [1]),

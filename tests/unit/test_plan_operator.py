@@ -340,6 +340,17 @@ def test_backoff_doubles_within_a_streak_and_starts_again_after_a_quiet_period()
     assert any("backoff step 1" in e and "restart 5" in e for e in cl.events)
 
 
+def test_the_backoff_is_announced_when_the_failure_is_counted_even_while_the_pod_terminates() -> None:
+    cl = ready_cluster(failurePolicy={"backoffSeconds": 4})
+    cl.pods["ws-inference-0"] = replace(cl.pods["ws-inference-0"], terminating=True)  # kubectl delete --wait=false
+    p = cl.step()
+    assert [e.message for e in p.events if e.reason == c.REASON_BACKOFF] == [
+        "lost members are re-created 4s after the failure (restart 1, backoff step 1)"]
+    del cl.pods["ws-inference-0"]  # gone: the backoff is waited out, and not announced again
+    p = cl.step()
+    assert p.requeue_after == 4 and not [e for e in p.events if e.reason == c.REASON_BACKOFF]
+
+
 def test_a_status_from_before_streaks_keeps_its_backoff() -> None:
     cl = ready_cluster(failurePolicy={"backoffSeconds": 2, "maxBackoffSeconds": 60, "maxRestarts": 100})
     cl.status = {**cl.status, "restarts": 3, "lastFailureTime": "2026-01-01T00:00:00Z"}
