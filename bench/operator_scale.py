@@ -91,7 +91,8 @@ def main() -> int:
     os.environ.setdefault("WEIGHTSYNC_SANDBOX_NODE_PODS", str(2 * args.groups + 50))
     os.environ.setdefault("WEIGHTSYNC_SANDBOX_SUBNET", "10.79.0.0/21")
     from weightsync.sandbox import Sandbox
-    from weightsync.sandbox.ports import free_port
+
+    from weightsync.ports import free_port
 
     state = Path(tempfile.mkdtemp(prefix="operator-scale-", dir=Path.home() / ".cache" / "weightsync"))
     sandbox = Sandbox(state)

@@ -6,27 +6,13 @@ For trying a loader or a benchmark without a cluster: every member is a real pro
 
 from __future__ import annotations
 
-import random
 import secrets
-import socket
 from typing import Any
 
 from weightsync.contract import MemberEnv
+from weightsync.ports import free_port
 
-
-def free_port() -> int:
-    """A port that is free now and outside Linux's ephemeral range (32768-60999): the store binds it only
-    later, in another process, and meanwhile NCCL and gloo open many ephemeral sockets that could take it."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000")
+__all__ = ["free_port", "group_envs", "vllm_trainer_env"]
 
 
 def group_envs(replicas: int, workers_per_replica: int, *, backend: str = "gloo", port: int | None = None,

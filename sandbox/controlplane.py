@@ -29,8 +29,9 @@ from weightsync.sandbox.components import (
 from weightsync.sandbox.kubeclient import ApiError, KubeClient
 from weightsync.sandbox.kubeconfig import write_kubeconfig
 from weightsync.sandbox.paths import build_binaries, default_state_dir
-from weightsync.sandbox.ports import free_port
 from weightsync.sandbox.waiting import wait_for
+
+from weightsync.ports import free_port
 
 NODE_NAME = "sandbox-node-0"
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -355,7 +356,7 @@ class Sandbox:
     # -- internals --------------------------------------------------------------------------------------
     def _start_core(self) -> Ports:
         lay = self.layout
-        ports = Ports(free_port(), free_port(), free_port(self.net.gateway), free_port(self.net.gateway))
+        ports = Ports(free_port(), free_port(), free_port(), free_port())
         (lay.run / "ports.json").write_text(json.dumps(asdict(ports)))
         _log(f"starting etcd on 127.0.0.1:{ports.etcd_client}")
         procs.spawn("etcd", etcd_argv(self.bin_dir, lay, ports), lay.run, lay.logs)

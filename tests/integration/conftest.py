@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from weightsync.sandbox import Sandbox
-from weightsync.sandbox.ports import free_port
 from weightsync.sandbox.waiting import wait_for
+
+from weightsync.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0
