@@ -143,12 +143,14 @@ def run_pod() -> int:
     demo_log.emit(f"[inference {socket.gethostname()}] worker {ended} ended with exit code {code}; "
                   "stopping the others")
     stop_workers()
-    for p in procs:
+    for k, p in enumerate(procs):
         if p.pid != pid:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+            demo_log.emit(f"[inference {socket.gethostname()}] worker {k} ended with exit code {p.returncode}")
     demo_log.drain(relays)  # the workers' last lines reach the log before the pod ends
     if terminating:
         return 0

@@ -45,6 +45,10 @@ def _seconds(stamp: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ the ledger
 
+#: A demo worker's own line (examples/demo/inference.py), and its pod's word that a worker process ended.
+_WORKER_LINE = re.compile(r"^\[inference \S+ worker (?P<local>\d+) rank (?P<rank>\d+) ")
+_WORKER_ENDED = re.compile(r"^\[inference \S+\] worker (?P<local>\d+) ended with exit code")
+
 
 @dataclass(frozen=True)
 class Record:
@@ -162,10 +166,19 @@ class Ledger:
             proofs.setdefault(x.key, {})[x.rank] = x
         first_line: dict[str, float] = {}
         last_line: dict[str, float] = {}
+        pods_of_rank: dict[int, set[str]] = {}  # every pod a rank wrote a line in
+        rank_last_line: dict[tuple[str, int], float] = {}  # (pod, rank) -> that rank's own last line
+        local_of: dict[tuple[str, int], int] = {}  # (pod, rank) -> its worker index in the pod
+        ended: set[tuple[str, int]] = set()  # (pod, worker index) whose process ended (the pod said so)
         for r in self.records:
             first_line.setdefault(r.uid8, r.at)
             last_line[r.uid8] = r.at
-        pods_of_rank: dict[int, set[str]] = {}
+            if (own := _WORKER_LINE.match(r.text)) is not None:
+                local_of[(r.uid8, int(own["rank"]))] = int(own["local"])
+                pods_of_rank.setdefault(int(own["rank"]), set()).add(r.uid8)
+                rank_last_line[(r.uid8, int(own["rank"]))] = r.at
+            elif (end := _WORKER_ENDED.search(r.text)) is not None:
+                ended.add((r.uid8, int(end["local"])))
         for _, x in self.loaded():
             pods_of_rank.setdefault(x.rank, set()).add(x.pod_uid)
         for key, (at, s) in sent.items():
@@ -174,12 +187,18 @@ class Ledger:
             if not missing:
                 audit.verified += 1
                 continue
-            # A rank whose pod's log ended (killed) before it could log the load is unproven; a rank still
-            # logging is pending (its line may not be written yet) or, later, a lie. Only the pods of that rank
-            # that were running when the sync was reported count: a replacement under the same rank, started
-            # later, never received it (it made a killed worker's missing proof look like a lie).
-            still = [r for r in missing if any(first_line.get(u, at) <= at < last_line.get(u, 0.0)
-                                               for u in pods_of_rank.get(r, ()))]
+            # A rank whose process ended (killed) before it could log the load is unproven: its pod's log
+            # ended, or its pod said the worker ended and the worker itself wrote nothing after the report
+            # (its pod logs on for a moment, stopping the others). A rank still logging is pending (its line
+            # may not be written yet) or, later, a lie. Only the pods of that rank that were running when the
+            # sync was reported count: a replacement under the same rank, started later, never received it.
+            def still_there(rank: int, uid8: str, at: float = at) -> bool:
+                if not first_line.get(uid8, at) <= at < last_line.get(uid8, 0.0):
+                    return False
+                worker_ended = (uid8, local_of.get((uid8, rank), -1)) in ended
+                return not worker_ended or rank_last_line.get((uid8, rank), 0.0) > at
+
+            still = [r for r in missing if any(still_there(r, u) for u in pods_of_rank.get(r, ()))]
             what = f"v{s.version} epoch {s.epoch} (acked {s.acked}) lacks the proof of ranks {missing}"
             (audit.pending if still else audit.unproven).append(what)
         verified = {s.key for _, s in self.verified_syncs()}
