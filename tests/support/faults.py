@@ -173,14 +173,13 @@ class Ledger:
         for r in self.records:
             first_line.setdefault(r.uid8, r.at)
             last_line[r.uid8] = r.at
-            if (own := _WORKER_LINE.match(r.text)) is not None:
-                local_of[(r.uid8, int(own["rank"]))] = int(own["local"])
-                pods_of_rank.setdefault(int(own["rank"]), set()).add(r.uid8)
-                rank_last_line[(r.uid8, int(own["rank"]))] = r.at
-            elif (end := _WORKER_ENDED.search(r.text)) is not None:
+            if (own := _WORKER_LINE.match(r.text)) is not None:  # (a `loaded` line is one of them)
+                rank = int(own["rank"])
+                local_of[(r.uid8, rank)] = int(own["local"])
+                pods_of_rank.setdefault(rank, set()).add(r.uid8)
+                rank_last_line[(r.uid8, rank)] = r.at
+            elif (end := _WORKER_ENDED.match(r.text)) is not None:
                 ended.add((r.uid8, int(end["local"])))
-        for _, x in self.loaded():
-            pods_of_rank.setdefault(x.rank, set()).add(x.pod_uid)
         for key, (at, s) in sent.items():
             audit.syncs += 1
             missing = sorted(set(range(1, s.acked + 1)) - set(proofs.get(key, {})))
