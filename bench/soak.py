@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import statistics
 import sys
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     was_running = sandbox.status().running
     sandbox.up()
     namespace = "soak"
+    soak = None
     try:
         run_demo.install_operator(sandbox)
         sandbox.kubectl("create", "namespace", namespace, check=False)
@@ -276,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         sandbox.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         if not was_running:
             sandbox.down()
+            # A sandbox of its own is ~70 MB of logs and etcd data: kept to read when the soak failed.
+            if args.state_dir is None and soak is not None and not soak.hangs and not soak.lies:
+                shutil.rmtree(state_dir, ignore_errors=True)
+            else:
+                print(f"the sandbox's logs and state are kept in {state_dir}", flush=True)
     doc = {"seed": soak.seed, "command": soak.command, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{os.cpu_count()} cores, shared", "summary": soak.summary(), **asdict(soak)}
     text = json.dumps(doc, indent=1)
