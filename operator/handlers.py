@@ -1,6 +1,6 @@
 """kopf wiring: the operator's settings, and which events trigger a reconcile. Nothing else.
 
-Choices (see DESIGN.md, Known pitfalls):
+Choices (docs/operator.md says why at more length):
 - kopf watches WeightSyncs only; the children (pods, Services, Secrets as metadata, Roles, RoleBindings)
   are watched by the operator's own informers (informer.py) with the operator's label selector applied by
   the API server (kopf would watch every pod of the cluster and filter on its side), and every reconcile
@@ -165,7 +165,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _random_priority() -> int:
-    # Equal priorities freeze every peer (DESIGN.md): draw one unless the command line gave one.
+    # Equal priorities freeze every peer (docs/operator.md): draw one unless the command line gave one.
     return random.randint(1, 2**31 - 1)
 
 

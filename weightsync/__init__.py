@@ -7,7 +7,7 @@ runs the controller.
 
 __version__ = "0.1.0"
 
-# operator/ sits at the top of a source checkout (DESIGN.md) but is the package weightsync.operator, and it
+# operator/ sits at the top of a source checkout (README.md, Layout) but is the package weightsync.operator, and it
 # has no __init__.py: a regular package named `operator` there would shadow the standard library. An
 # editable install cannot map such a namespace directory below this regular package, so in a checkout the
 # repository root joins this package's path and weightsync.operator resolves to <root>/operator. A wheel

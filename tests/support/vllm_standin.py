@@ -2,9 +2,9 @@
 
     python tests/support/vllm_standin.py --port 0 --workers 2 [--log requests.jsonl] [--fail-at update_weights]
 
-Written from ../shared/engines/vllm-0.33.md (§1-§4), not from vLLM's code: the routes, methods, query vs
-body, answers, 400 for a malformed body, 500 for a worker's error (unknown keys in init_info/update_info,
-session-state errors, a view that fails), the session state machine (start, update, finish),
+Written from the protocol as docs/runtime.md states it (read from vLLM 0.33's wheel), not from vLLM's code:
+the routes, methods, query vs body, answers, 400 for a malformed body, 500 for a worker's error (unknown keys
+in init_info/update_info, session-state errors, a view that fails), the session state machine (start, update, finish),
 `weight_version` "default" until a successful finish sets it, pause/resume/is_paused, shutdown refused
 while a session is active. K worker ranks (threads, each with its own group) join the trainer's group at
 rank_offset..rank_offset+K-1, run the warm-up, and receive per update_info as vLLM's consumer does:
