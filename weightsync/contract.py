@@ -10,9 +10,11 @@ Pure pydantic: importable without torch or kopf.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -228,6 +230,16 @@ class MemberEnv(BaseModel):
     def _base_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(check_base_url(u) for u in urls)
 
+    @field_validator("master_addr")
+    @classmethod
+    def _master_host(cls, host: str) -> str:
+        return check_host(host)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_host(h) for h in hosts)
+
     @model_validator(mode="after")
     def _ranks_fit(self) -> MemberEnv:
         if self.rank_offset + self.local_world_size > self.world_size:
@@ -322,6 +334,30 @@ class MemberEnv(BaseModel):
 
 #: Fields whose variable is a comma-separated list.
 _LIST_FIELDS = ("endpoints", "engine_urls")
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_host(host: str) -> str:
+    """`host` as a DNS name (RFC 1123 labels; `_` allowed, a final `.` too) or an IPv4/IPv6 address, as
+    a socket connects to it: no scheme, port, path or space. Raises ValueError saying what is wrong."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) <= 253 and name and all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        return host
+    hint = ""
+    if host.startswith("[") and host.endswith("]"):
+        hint = ": an IPv6 address goes without brackets"
+    elif "://" in host or "/" in host:
+        hint = ": a host only, without a scheme or a path"
+    elif ":" in host:
+        hint = ": a host only (the port is its own variable)"
+    raise ValueError(f"{host!r} is not a DNS name or an IP address{hint}")
 
 
 def check_base_url(url: str) -> str:

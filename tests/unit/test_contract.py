@@ -52,6 +52,15 @@ def test_a_complete_environment_parses_and_round_trips() -> None:
     ({"WEIGHTSYNC_TOKEN": "short"}, "WEIGHTSYNC_TOKEN"),
     ({"WEIGHTSYNC_RANK_OFFSET": "4"}, "WEIGHTSYNC_RANK_OFFSET (4) + WEIGHTSYNC_LOCAL_WORLD_SIZE (2) exceeds"),
     ({"WEIGHTSYNC_RANK_OFFSET": "0"}, "rank 0 belongs to the trainer"),
+    ({"WEIGHTSYNC_MASTER_ADDR": "tcp://trainer:29500"},
+     "WEIGHTSYNC_MASTER_ADDR: Value error, 'tcp://trainer:29500' is not a DNS name or an IP address: a host only, "
+     "without a scheme"),
+    ({"WEIGHTSYNC_MASTER_ADDR": "trainer:29500"}, "a host only (the port is its own variable)"),
+    ({"WEIGHTSYNC_MASTER_ADDR": "[fd00::1]"}, "an IPv6 address goes without brackets"),
+    ({"WEIGHTSYNC_MASTER_ADDR": "demo trainer"}, "WEIGHTSYNC_MASTER_ADDR: Value error, 'demo trainer' is not a DNS"),
+    ({"WEIGHTSYNC_MASTER_ADDR": "a" * 64 + ".svc"}, "is not a DNS name"),
+    ({"WEIGHTSYNC_ENDPOINTS": "demo-inference-0.demo,demo inference-1"}, "WEIGHTSYNC_ENDPOINTS: Value error, "
+                                                                         "'demo inference-1' is not a DNS name"),
 ])
 def test_a_bad_variable_is_named(change: dict[str, str | None], message: str) -> None:
     environ = {**BASE, **change}
@@ -59,6 +68,12 @@ def test_a_bad_variable_is_named(change: dict[str, str | None], message: str) ->
     with pytest.raises(ContractError) as err:
         MemberEnv.from_env(environ)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.7", "fd00::1", "localhost", "demo-trainer-0.demo.ml.svc.cluster.local.",
+                                  "trainer_0.example"])
+def test_a_master_address_is_any_dns_name_or_ip_address(host: str) -> None:
+    assert MemberEnv.from_env({**BASE, "WEIGHTSYNC_MASTER_ADDR": host}).master_addr == host
 
 
 def test_the_token_never_shows_in_the_repr() -> None:
