@@ -66,7 +66,12 @@ class Layout:
 
 def plan_layout(items: Sequence[tuple[str, torch.Tensor]], packed: bool, buffer_bytes: int) -> Layout:
     """The wire of `items`; ConfigMismatchError for a dtype an engine cannot receive, a duplicate name, or a
-    tensor that is not dense and materialised."""
+    tensor that is not dense and materialised, or no tensor at all."""
+    if not items:
+        # vLLM reads three empty lists as "the previous update's tensors again" and waits for their bytes,
+        # with no timeout of its own: an empty update would leave every engine stuck in a broadcast.
+        raise ConfigMismatchError("an empty tensor list: protocol vllm sends at least one tensor (vLLM reads an "
+                                  "empty update_info as the previous update's tensor list)")
     names = tuple(n for n, _ in items)
     if len(set(names)) != len(names):
         seen: set[str] = set()
@@ -80,7 +85,7 @@ def plan_layout(items: Sequence[tuple[str, torch.Tensor]], packed: bool, buffer_
     specs = [TensorSpec(s.name, wire.dtype_name(t.dtype), s.shape, s.itemsize) for s, (_, t) in zip(
         specs, items, strict=True)]
     try:
-        wire.check_dtypes(specs)
+        wire.check_dtypes(specs, packed)
     except ValueError as err:
         raise ConfigMismatchError(str(err)) from None
     order = wire.wire_order(specs, buffer_bytes) if packed else list(range(len(specs)))

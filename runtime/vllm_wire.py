@@ -1,8 +1,9 @@
 """vLLM's NCCL weight-transfer wire, as pure functions (no torch, no group): what the trainer sends and in
 which order, so that a stock vLLM 0.33 engine reads every byte where it expects it.
 
-- dtypes: an engine receives only the dtypes its NCCL binding maps (`SUPPORTED_DTYPES`); a tensor of
-  another dtype is refused before any request or byte (`check_dtypes`).
+- dtypes: unpacked, an engine receives only the dtypes its NCCL binding maps (`UNPACKED_DTYPES`); packed,
+  every dtype it can view a byte slice as (`PACKED_DTYPES`); a tensor of another dtype is refused before
+  any request or byte (`check_dtypes`).
 - the packed wire: tensors in `update_info` order, each `numel * itemsize` bytes, back to back with no
   padding; a chunk closes right after the tensor that makes its running total strictly greater than the
   buffer size B; the iterator's end flushes the last partial chunk (one made only of 0-byte tensors is
@@ -21,13 +22,23 @@ from typing import Any
 
 from weightsync.runtime.packing import TensorSpec
 
-#: dtype name -> itemsize of every dtype vLLM 0.33's worker can receive (its NCCL dtype map: int8, uint8,
-#: int32, int64, float16, float32, float64, bfloat16 and the CUDA fp8 type, float8_e4m3fn).
-SUPPORTED_DTYPES: dict[str, int] = {
+#: dtype name -> itemsize of every dtype vLLM 0.33's worker receives as a broadcast of its own (unpacked: its
+#: NCCL dtype map, int8, uint8, int32, int64, float16, float32, float64, bfloat16 and float8_e4m3fn).
+UNPACKED_DTYPES: dict[str, int] = {
     "int8": 1, "uint8": 1, "float8_e4m3fn": 1,
     "float16": 2, "bfloat16": 2,
     "int32": 4, "float32": 4,
     "int64": 8, "float64": 8,
+}
+#: ... and packed, where the worker resolves `getattr(torch, name)` and views its slice of a uint8 chunk as
+#: that dtype: every dtype above and these (the NCCL dtype map is not consulted).
+PACKED_DTYPES: dict[str, int] = {
+    **UNPACKED_DTYPES,
+    "bool": 1, "float8_e5m2": 1,
+    "int16": 2, "uint16": 2,
+    "uint32": 4,
+    "uint64": 8, "complex64": 8,
+    "complex128": 16,
 }
 
 
@@ -36,13 +47,16 @@ def dtype_name(dtype: object) -> str:
     return str(dtype).split(".")[-1]
 
 
-def check_dtypes(specs: Sequence[TensorSpec]) -> None:
-    """Raise ValueError naming every tensor whose dtype a vLLM engine cannot receive."""
-    bad = [f"{s.name!r} ({s.dtype})" for s in specs if s.dtype not in SUPPORTED_DTYPES]
+def check_dtypes(specs: Sequence[TensorSpec], packed: bool) -> None:
+    """Raise ValueError naming every tensor whose dtype a vLLM engine cannot receive on this wire."""
+    receivable = PACKED_DTYPES if packed else UNPACKED_DTYPES
+    bad = [f"{s.name!r} ({s.dtype})" for s in specs if s.dtype not in receivable]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"a vLLM engine cannot receive {shown}: it takes only "
-                         f"{', '.join(SUPPORTED_DTYPES)}; convert them before sending")
+        wire = "packed" if packed else "unpacked (WEIGHTSYNC_PACKED=false)"
+        hint = "" if packed else "; packed, it also takes " + ", ".join(sorted(set(PACKED_DTYPES) - set(receivable)))
+        raise ValueError(f"a vLLM engine cannot receive {shown} {wire}: it takes only "
+                         f"{', '.join(receivable)}{hint}; convert them before sending")
 
 
 def chunks(sizes: Sequence[int], buffer_bytes: int) -> list[list[int]]:
@@ -82,9 +96,9 @@ def misaligned(specs: Sequence[TensorSpec], buffer_bytes: int) -> list[tuple[str
     return out
 
 
-def _size_alignment(nbytes: int) -> int:
-    """The largest power of two dividing `nbytes`, at most 8 (the largest itemsize); 8 for 0 bytes."""
-    return min(nbytes & -nbytes, 8) if nbytes else 8
+def _size_alignment(nbytes: int, cap: int) -> int:
+    """The largest power of two dividing `nbytes`, at most `cap` (the largest itemsize); `cap` for 0 bytes."""
+    return min(nbytes & -nbytes, cap) if nbytes else cap
 
 
 def wire_order(specs: Sequence[TensorSpec], buffer_bytes: int) -> list[int]:
@@ -94,15 +108,16 @@ def wire_order(specs: Sequence[TensorSpec], buffer_bytes: int) -> list[int]:
 
     Chunk by chunk: the tensors the given order would put into the next chunk keep that order when they
     are all aligned there. Otherwise they go by the alignment of their byte size (the largest power of two
-    dividing it, at most 8), largest first and stably: every offset is then a sum of sizes that are
-    multiples of the tensor's own size alignment, which is a multiple of its itemsize (itemsizes are
-    powers of two). Tensors whose size is a multiple of 8 bytes (nearly all) keep their order; only odd
-    sizes (an fp8 [3, 5], a 3-element bf16) move towards the end of the chunk. The chunk may then close
-    earlier; what did not fit opens the next chunk, in the given order. Within a chunk the order costs
-    nothing (the engine loads a chunk's tensors in one call); a tensor of an odd size can only end a
-    chunk, so it may move on to a later one (at worst to the last)."""
+    dividing it, at most 8, or 16 in a set with complex128), largest first and stably: every offset is then
+    a sum of sizes that are multiples of the tensor's own size alignment, which is a multiple of its
+    itemsize (itemsizes are powers of two). Tensors whose size is a multiple of 8 bytes (nearly all) keep
+    their order; only odd sizes (an fp8 [3, 5], a 3-element bf16) move towards the end of the chunk. The
+    chunk may then close earlier; what did not fit opens the next chunk, in the given order. Within a chunk
+    the order costs nothing (the engine loads a chunk's tensors in one call); a tensor of an odd size can
+    only end a chunk, so it may move on to a later one (at worst to the last)."""
     remaining = list(range(len(specs)))
     order: list[int] = []
+    cap = max([8, *(s.itemsize for s in specs)])
     while remaining:
         # The next chunk as the given order would fill it.
         total, end = 0, len(remaining)
@@ -122,7 +137,7 @@ def wire_order(specs: Sequence[TensorSpec], buffer_bytes: int) -> list[int]:
             order += candidates
             remaining = remaining[end:]
             continue
-        by_alignment = sorted(candidates, key=lambda i: -_size_alignment(specs[i].nbytes))
+        by_alignment = sorted(candidates, key=lambda i: -_size_alignment(specs[i].nbytes, cap))
         total, placed = 0, 0
         for i in by_alignment:
             order.append(i)

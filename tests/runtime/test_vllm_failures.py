@@ -1,7 +1,7 @@
 """Protocol `vllm` when an engine fails: a 500 or no answer at each step is an exception naming the server
 and the step within the timeout; the trainer leaves no group, no session and no paused engine behind, and
 its next send forms a fresh group that reaches every engine. A world-size mismatch and a dtype vLLM cannot
-receive are refused before anything forms or moves."""
+receive on its wire, or no tensor at all, are refused before anything forms or moves."""
 
 from __future__ import annotations
 
@@ -85,10 +85,23 @@ def test_a_world_size_mismatch_is_refused_before_any_group_forms() -> None:
         assert server.steps() == ["GET /get_world_size?include_dp=true"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.float8_e5m2, torch.int16, torch.uint16, torch.complex64])
-def test_a_dtype_vllm_cannot_receive_is_refused_before_any_request(dtype: torch.dtype) -> None:
+def test_an_empty_tensor_list_is_refused_before_any_request_and_the_next_send_still_syncs() -> None:
     with StandIn(1, timeout=TIMEOUT) as server:
         env = vllm_trainer_env([server.url], 1, timeout=TIMEOUT, buffer_bytes=B)
+        with WeightSender(env, report_to_pod=False) as sender:
+            sender.send(model(1), version=1)
+            sent = len(server.requests())
+            with pytest.raises(ConfigMismatchError, match="an empty tensor list"):
+                sender.send([], version=2)
+            assert len(server.requests()) == sent, "nothing reached the engine"
+            sender.send(model(3), version=3)
+        assert server.tensors("3") == {"1": expected(model(3))}
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float8_e5m2, torch.int16, torch.uint16, torch.complex64])
+def test_a_dtype_vllm_cannot_receive_unpacked_is_refused_before_any_request(dtype: torch.dtype) -> None:
+    with StandIn(1, timeout=TIMEOUT) as server:
+        env = vllm_trainer_env([server.url], 1, timeout=TIMEOUT, buffer_bytes=B, packed=False)
         named = [*model(1), ("model.layers.9.mask", torch.zeros(4, dtype=torch.float32).to(dtype))]
         with WeightSender(env, report_to_pod=False) as sender, pytest.raises(ConfigMismatchError) as err:
             sender.send(named, version=1)

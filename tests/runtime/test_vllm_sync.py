@@ -113,6 +113,23 @@ def test_the_unpacked_wire_sends_each_tensor_as_its_own_dtype(fresh: StandIn) ->
     assert fresh.tensors("3")["2"] == expected(named)
 
 
+def test_dtypes_outside_vllms_nccl_map_arrive_packed_bit_exact(fresh: StandIn) -> None:
+    g = torch.Generator().manual_seed(5)
+    named = [("m.mask", torch.rand(7, generator=g) > 0.5),
+             ("m.e5m2", torch.randn(3, 5, generator=g).to(torch.float8_e5m2)),
+             ("m.i16", torch.randint(-999, 999, (5,), generator=g, dtype=torch.int16)),
+             ("m.u16", torch.randint(0, 60000, (3,), generator=g, dtype=torch.int32).to(torch.uint16)),
+             ("m.u32", torch.randint(0, 1 << 30, (3,), generator=g, dtype=torch.int64).to(torch.uint32)),
+             ("m.u64", torch.randint(0, 1 << 62, (2,), generator=g, dtype=torch.int64).to(torch.uint64)),
+             ("m.c64", torch.randn(3, generator=g, dtype=torch.complex64)),
+             ("m.c128", torch.randn(2, 3, generator=g, dtype=torch.complex128)),
+             ("m.w", torch.randn(4, 4, generator=g).to(torch.bfloat16))]
+    env = vllm_trainer_env([fresh.url], 2, timeout=TIMEOUT, buffer_bytes=B)
+    with WeightSender(env, report_to_pod=False) as sender:
+        sender.send(named, version=1)
+    assert fresh.tensors("1") == {"1": expected(named), "2": expected(named)}
+
+
 def test_an_fp8_weight_and_its_fp32_scale_arrive_because_of_the_order_chosen(fresh: StandIn) -> None:
     named = [("layers.0.weight", torch.randn(3, 5).to(torch.float8_e4m3fn)),
              ("layers.0.weight_scale", torch.tensor([0.5])),

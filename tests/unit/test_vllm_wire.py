@@ -13,7 +13,7 @@ from vllm_standin import unique_id_from_pickle
 from weightsync.runtime import vllm_wire as wire
 from weightsync.runtime.packing import TensorSpec
 
-ITEMSIZE = wire.SUPPORTED_DTYPES
+ITEMSIZE = wire.PACKED_DTYPES
 
 
 def spec(name: str, dtype: str, *shape: int) -> TensorSpec:
@@ -25,18 +25,27 @@ def test_dtype_names_drop_the_torch_prefix() -> None:
 
     assert [wire.dtype_name(d) for d in (torch.bfloat16, torch.float8_e4m3fn, torch.int64)] == [
         "bfloat16", "float8_e4m3fn", "int64"]
-    assert all(getattr(torch, name).itemsize == size for name, size in wire.SUPPORTED_DTYPES.items())
+    assert all(getattr(torch, name).itemsize == size for name, size in wire.PACKED_DTYPES.items())
 
 
-@pytest.mark.parametrize("dtype", ["bool", "float8_e5m2", "int16", "uint16", "uint32", "uint64", "complex64"])
-def test_a_dtype_vllm_cannot_receive_is_refused_naming_the_tensor(dtype: str) -> None:
-    with pytest.raises(ValueError, match=rf"'layers.1.mask' \({dtype}\)"):
-        wire.check_dtypes([spec("layers.0.w", "bfloat16", 4), spec("layers.1.mask", dtype, 4)])
+@pytest.mark.parametrize("dtype", ["bool", "float8_e5m2", "int16", "uint16", "uint32", "uint64", "complex64",
+                                   "complex128"])
+def test_a_dtype_outside_vllms_nccl_map_travels_packed_but_is_refused_unpacked(dtype: str) -> None:
+    specs = [spec("layers.0.w", "bfloat16", 4), spec("layers.1.mask", dtype, 4)]
+    wire.check_dtypes(specs, packed=True)
+    with pytest.raises(ValueError, match=rf"'layers.1.mask' \({dtype}\) unpacked .*packed, it also takes .*{dtype}"):
+        wire.check_dtypes(specs, packed=False)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fnuz", "qint8", "uint4", "float4_e2m1fn_x2"])
+def test_a_dtype_vllm_cannot_view_is_refused_packed_too(dtype: str) -> None:
+    with pytest.raises(ValueError, match=rf"'layers.1.q' \({dtype}\) packed"):
+        wire.check_dtypes([spec("layers.0.w", "bfloat16", 4), spec("layers.1.q", dtype, 4)], packed=True)
 
 
 def test_many_bad_tensors_are_named_five_at_a_time() -> None:
     with pytest.raises(ValueError, match=r"and 2 more"):
-        wire.check_dtypes([spec(f"t{i}", "bool", 1) for i in range(7)])
+        wire.check_dtypes([spec(f"t{i}", "bool", 1) for i in range(7)], packed=False)
 
 
 @pytest.mark.parametrize(("sizes", "limit", "expected"), [
