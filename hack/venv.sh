@@ -52,7 +52,8 @@ if [[ ! -f "$venv/.complete" ]]; then
   rm -f "$venv/.complete"
   # The scripts and activators name the environment they were made in; sed -i writes new files, so the
   # shared environment's stay as they are.
-  grep -lIF "$shared" "$venv"/bin/* "$venv/pyvenv.cfg" 2>/dev/null | xargs -r sed -i "s#$shared#$venv#g"
+  mapfile -t naming < <(grep -lIF "$shared" "$venv"/bin/* "$venv/pyvenv.cfg" 2>/dev/null || true)
+  if (( ${#naming[@]} )); then sed -i "s#$shared#$venv#g" "${naming[@]}"; fi
   # An environment made by an older hack/venv.sh may hold some checkout's editable install; never this one's.
   "$venv/bin/python" -m pip uninstall -q -y weightsync >&2 2>/dev/null || true
   printf '%s\n' "$root" >"$venv/.checkout"
