@@ -307,6 +307,7 @@ class MemberEnv(BaseModel):
         for host in hosts:
             where = f"[{host}]" if ":" in host and not host.startswith("[") else host
             try:
+                check_host(host)  # the annotation's hosts get the check the variable's got at parse time
                 urls.append(check_base_url(f"http://{where}:{self.engine_port}"))
             except ValueError as err:
                 source = (f"annotations file {self.annotations_file}: annotation {ENDPOINTS_ANNOTATION}"

@@ -51,6 +51,9 @@ def test_a_scale_changes_the_engines_through_the_endpoints_annotation(tmp_path: 
     annotations.write_text(f'{ENDPOINTS_ANNOTATION}="a/b"\n')
     with pytest.raises(ContractError, match=r"annotation weightsync.dev/endpoints: endpoint 'a/b'"):
         env.engine_membership()
+    annotations.write_text(f'{ENDPOINTS_ANNOTATION}="a.ns.svc,b ns.svc"\n')
+    with pytest.raises(ContractError, match=r"endpoint 'b ns.svc' is not a host name: .*not a DNS name"):
+        env.engine_membership()
 
 
 @pytest.mark.parametrize(("url", "problem"), [
