@@ -8,14 +8,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
 cache="${WEIGHTSYNC_CACHE:-$HOME/.cache/weightsync}"
-# Keyed by the Python version and the declared dependencies only, so editing tool settings reuses it.
-key="$("$python" - "$root/pyproject.toml" <<'PY'
-import hashlib, json, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-deps = json.dumps([project["dependencies"], project["optional-dependencies"]], sort_keys=True)
-print(f"py{sys.version_info[0]}{sys.version_info[1]}-{hashlib.sha256(deps.encode()).hexdigest()[:12]}")
-PY
-)"
+key="$("$python" "$root/hack/venv_key.py" "$root/pyproject.toml")"
 shared="$cache/venv-$key"
 checkout_id="$(printf '%s' "$root" | sha256sum | cut -c1-12)"
 venv="$cache/checkouts/$checkout_id-$key"

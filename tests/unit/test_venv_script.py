@@ -4,25 +4,26 @@ sees this test run's packages through a .pth file), so the test copies megabytes
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["pyproject.toml", "README.md", "LICENSE", "hack/venv.sh", "weightsync", "operator", "runtime", "sandbox"]
+SOURCES = ["pyproject.toml", "README.md", "LICENSE", "hack/venv.sh", "hack/venv_key.py",
+           "weightsync", "operator", "runtime", "sandbox"]
 
 
 def _dependency_key() -> str:
     """The name hack/venv.sh gives the shared environment for this pyproject.toml and Python."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    deps = json.dumps([project["dependencies"], project["optional-dependencies"]], sort_keys=True)
-    return f"py{sys.version_info[0]}{sys.version_info[1]}-{hashlib.sha256(deps.encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location("venv_key", ROOT / "hack" / "venv_key.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.dependency_key(str(ROOT / "pyproject.toml")))
 
 
 def _shared_environment(cache: Path) -> Path:
