@@ -40,14 +40,18 @@ case "${1:-}" in
 import glob, json, platform, statistics, sys
 runs, dest, head, old = sys.argv[1:]
 keys = ("trainer_total_ms", "trainer_first_byte_ms", "trainer_layout_ms", "trainer_manifest_out_ms",
-        "trainer_enqueue_ms", "receiver_first_byte_ms")
+        "trainer_checked_ms", "trainer_go_ms", "trainer_enqueue_ms", "receiver_first_byte_ms")
+nan = float("nan")
 doc = {"command": "bash bench/host_overhead_ab.sh prepare OLD && bash bench/host_overhead_ab.sh run OUT",
        "commits": {"head": head, "old": old}, "python": platform.python_version(), "runs": {}, "median_of_runs": {}}
 for s in ("moe", "dense"):
     for tree in ("head", "old"):
         rows = [json.load(open(f))["summary"] for f in sorted(glob.glob(f"{runs}/{s}-{tree}-*.json"))]
-        doc["runs"][f"{s}-{tree}"] = [{k: round(r[k], 3) for k in keys} for r in rows]
-        doc["median_of_runs"][f"{s}-{tree}"] = {k: round(statistics.median(r[k] for r in rows), 2) for k in keys}
+        # An older tree's script may not report every step (NaN there, left out here).
+        doc["runs"][f"{s}-{tree}"] = [{k: round(r[k], 3) for k in keys if r.get(k, nan) == r.get(k, nan)}
+                                      for r in rows]
+        doc["median_of_runs"][f"{s}-{tree}"] = {k: round(statistics.median(r[k] for r in rows), 2) for k in keys
+                                                if all(r.get(k, nan) == r.get(k, nan) for r in rows)}
         print(s, tree, doc["median_of_runs"][f"{s}-{tree}"])
 open(dest, "w").write(json.dumps(doc, indent=1) + "\n")
 PY

@@ -12,6 +12,7 @@
 from weightsync.runtime.errors import (
     ChecksumError,
     ConfigMismatchError,
+    InvalidTensorsError,
     PeerLostError,
     RendezvousError,
     TamperedValueError,
@@ -27,6 +28,7 @@ from weightsync.runtime.source import LazySource, Placement, SourceTensor, Weigh
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
+    "InvalidTensorsError",
     "LazySource",
     "NcclTuning",
     "PeerLostError",

@@ -15,6 +15,7 @@ The pointer tables of a chunk live on the GPU and are rebuilt only when a tensor
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger("weightsync.runtime")
 _WORD = 4  # bytes per element the kernel moves
 _BLOCK = 4096  # words per program and step
 _MAX_BYTES = 1 << 31  # larger tensors (only in packed chunks of buffers over 2 GiB) go through torch's copy
+_CONTIGUOUS = operator.methodcaller("is_contiguous")
 
 _kernel: Any = None  # the compiled-on-first-use Triton kernel; False once it proved unusable
 #: Why the bounded copy kernel is not used in this process (None while it is, or before its first use).
@@ -117,7 +119,11 @@ class BoundedCopies:
         src_ptrs = [s.data_ptr() for s in sources]
         dst_ptrs = [d.data_ptr() for d in destinations]
         cached = self._tables.get(key)
-        if cached is not None and cached.src_ptrs == src_ptrs and cached.dst_ptrs == dst_ptrs:
+        # The same addresses are not enough: a square weight transposed in place (`p.data = p.data.t()`)
+        # keeps its address, shape and dtype, and the kernel would copy its storage order as if it were
+        # the tensor's.
+        if (cached is not None and cached.src_ptrs == src_ptrs and cached.dst_ptrs == dst_ptrs
+                and all(map(_CONTIGUOUS, sources)) and all(map(_CONTIGUOUS, destinations))):
             return cached
         taken = _takes(destinations, sources, src_ptrs, dst_ptrs)
         table = self._tables[key] = _Table(src_ptrs, dst_ptrs, destinations[0].device, taken, destinations)

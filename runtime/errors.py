@@ -68,6 +68,13 @@ class ConfigMismatchError(WeightSyncError):
     """Members disagree on the configuration or the tensors; raised on every member before data moves."""
 
 
+class InvalidTensorsError(ConfigMismatchError, ValueError):
+    """The trainer's tensors cannot be sent as given: not `(name, tensor)` pairs, a name twice, a tensor that
+    is not dense (sparse, mkldnn) or not materialised (meta). Refused on the trainer before any data moves;
+    a receiver that was already told of the sync gets the refusal too. A ValueError as well, as a bad
+    argument is."""
+
+
 class ChecksumError(WeightSyncError):
     """A received tensor's checksum differs from the trainer's."""
 

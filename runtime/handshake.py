@@ -124,13 +124,15 @@ class TrainerRound(Round):
         self.receivers = receivers
         self.keys.put(manifest_key(self.formation, self.seq), manifest)
 
-    def collect_verdicts(self) -> None:
+    def collect_verdicts(self, own_problems: list[str] | None = None) -> None:
         """Every receiver answers before data moves: a mismatch is refused with nothing written, and a
-        receiver that died while it waited is found here, not in the middle of a broadcast."""
+        receiver that died while it waited is found here, not in the middle of a broadcast. `own_problems`:
+        the trainer's own reasons to refuse (found while the receivers read the announcement)."""
         names = [self._k(f"verdict/{r}") for r in self.receivers]
         verdicts = self._wait(names, f"the manifest of {self.version_hint}", self.receivers)
-        problems = [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
-                    for p in v["problems"]]
+        problems = [f"{self.describe(0)}: {p}" for p in own_problems or ()]
+        problems += [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
+                     for p in v["problems"]]
         self.keys.put(self._k("go"), {"problems": problems})
         if problems:
             raise ConfigMismatchError(f"sync {self.version_hint} refused before any data moved: "

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
-from weightsync.runtime.errors import TrainerJobError, WeightSyncError
+from weightsync.runtime.errors import ConfigMismatchError, InvalidTensorsError, TrainerJobError, WeightSyncError
 from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.packing import PackingPlan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
 from weightsync.runtime.settings import RuntimeSettings
-from weightsync.runtime.source import SourceTensor, WeightSource, as_source
+from weightsync.runtime.source import SourceTensor, WeightSource, as_source, pair_problem
 from weightsync.runtime.trainer_job import Gathers, TrainerJob, job_ranks, outcome_result
 from weightsync.runtime.transfer import (
     Buffers,
@@ -32,6 +32,7 @@ from weightsync.contract import MemberEnv
 
 log = logging.getLogger("weightsync.runtime")
 
+_FIRST = operator.itemgetter(0)
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _LAYOUT = operator.attrgetter("layout")
@@ -79,8 +80,7 @@ class WeightSender(GroupMember):
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
-        self._layout_cache: tuple[tuple[str, ...], list[torch.Size], list[torch.dtype], tuple[TensorSpec, ...]] | None \
-            = None
+        self._layout_cache: tuple[list[str], list[torch.Size], list[torch.dtype], tuple[TensorSpec, ...]] | None = None
         if self.trainer_rank != 0:  # joins the gathers only: no group, no engines, no report of its own
             self._annotator = None
             return
@@ -114,31 +114,40 @@ class WeightSender(GroupMember):
         self._cached = (specs, manifest, plan)
         return manifest, plan
 
-    def _layout(self, items: list[tuple[str, torch.Tensor]]) -> tuple[tuple[TensorSpec, ...], tuple[torch.Tensor, ...]]:
-        """The specs and the tensors of `items`; specs are rebuilt only when names, dtypes or shapes changed
-        since the last sync. With tens of thousands of tensors this check is most of the trainer's Python
-        work before the first byte (0.3-0.7 us a tensor, mostly reading shapes: bench/README.md), so it runs
-        as C-level zip and map over flat lists."""
-        names, tensors = zip(*items, strict=True) if items else ((), ())
-        shapes = list(map(_SHAPE, tensors))
-        dtypes = list(map(_DTYPE, tensors))
+    def _layout(self, items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]
+                ) -> tuple[tuple[TensorSpec, ...], list[torch.Tensor], Callable[[], None] | None]:
+        """The specs of `items` and a check still to run before any byte moves (None: nothing left).
+
+        Specs are rebuilt only when names, dtypes or shapes changed since the last sync. With tens of
+        thousands of tensors this is most of the trainer's Python work before the first byte (each attribute
+        read costs 0.1-0.4 us a tensor: bench/README.md), so it runs as C-level map over flat lists, and the
+        one read that cannot change the specs (every tensor's layout: a sparse tensor under a known name and
+        shape) is handed back, to run while the receivers answer the announcement."""
         cached = self._layout_cache
-        # Layouts too (a sparse tensor under a known name and shape), at C speed; a meta tensor under a known
-        # name fails in the data path with torch's own error, on this rank.
-        if (cached is not None and cached[0] == names and cached[1] == shapes and cached[2] == dtypes
-                and set(map(_LAYOUT, tensors)) <= _DENSE):
-            return cached[3], tensors
+        if cached is not None:
+            try:
+                names = list(map(_FIRST, items))
+                if (names == cached[0] and list(map(_SHAPE, tensors)) == cached[1]
+                        and list(map(_DTYPE, tensors)) == cached[2]):
+                    return cached[3], tensors, lambda: _check_dense(items, tensors)
+            except (TypeError, AttributeError, IndexError):
+                pass  # not pairs of tensors: the full check below names the item
+        problem = pair_problem(items)
+        if problem is not None:
+            raise InvalidTensorsError(problem)
+        names = list(map(_FIRST, items))
         if len(set(names)) != len(names):
             seen: set[str] = set()
             duplicate = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-            raise ValueError(f"tensor name {duplicate!r} appears twice in one sync")
+            raise InvalidTensorsError(f"tensor name {duplicate!r} appears twice in one sync")
+        _check_dense(items, tensors)
         for name, tensor in items:
-            if tensor.is_sparse or tensor.device.type == "meta":
-                raise ValueError(f"tensor {name!r} is {tensor.layout}/{tensor.device.type}; only dense, "
-                                 "materialised tensors can be sent")
+            if tensor.device.type == "meta":
+                raise InvalidTensorsError(f"tensor {name!r} is on the meta device (not materialised); only "
+                                          "dense, materialised tensors can be sent")
         specs = tuple(spec_of(name, tensor) for name, tensor in items)
-        self._layout_cache = (names, shapes, dtypes, specs)
-        return specs, tensors
+        self._layout_cache = (names, list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors)), specs)
+        return specs, tensors, None
 
     def _source_specs(self, source: WeightSource) -> tuple[tuple[TensorSpec, ...], str]:
         """A source's specs and the trainer job's signature of them (names, dtypes, shapes, placements), the
@@ -179,7 +188,7 @@ class WeightSender(GroupMember):
                 return self._follow(named_tensors, version)
             if self._engine is None:
                 return self._send(named_tensors, version)
-            source, items = as_source(named_tensors)
+            source, items, _ = as_source(named_tensors)
             if source is not None:
                 items = _materialised(source)  # protocol vllm: one rank, gathered up front (not bounded yet)
             report = self._engine.send(items, version)
@@ -214,12 +223,14 @@ class WeightSender(GroupMember):
         timeout = self.env.timeout_seconds
         job.connect(self.env.master_addr, time.monotonic() + timeout)
         try:
-            source, items = as_source(named_tensors)
+            source, items, tensors = as_source(named_tensors)
             if source is not None:
                 count = len(source.tensors())
                 _, signature = self._source_specs(source)
             else:
-                specs, _ = self._layout(items)
+                specs, _, still_to_check = self._layout(items, tensors)
+                if still_to_check is not None:
+                    still_to_check()
                 count, signature = 0, self._plain_signature(specs)
         except BaseException as err:
             job.post_ready(seq, version, "", error=f"{type(err).__name__}: {err}")
@@ -269,12 +280,12 @@ class WeightSender(GroupMember):
                 deadline = time.monotonic() + timeout
                 self.group.ensure_store(deadline)
                 job.connect("127.0.0.1", deadline)
-            source, items = as_source(named_tensors)
-            sources: tuple[torch.Tensor, ...] = ()
+            source, items, sources = as_source(named_tensors)
+            still_to_check: Callable[[], None] | None = None
             if source is not None:
                 specs, signature = self._source_specs(source)
             else:
-                specs, sources = self._layout(items)
+                specs, sources, still_to_check = self._layout(items, sources)
                 signature = self._plain_signature(specs) if job is not None else ""
             if job is not None:
                 job.await_ready(seq, version, signature, time.monotonic() + timeout)
@@ -284,6 +295,9 @@ class WeightSender(GroupMember):
             if self.env.checksums:
                 with torch.no_grad():
                     if source is None:
+                        if still_to_check is not None:  # before reading the bytes, not overlapped
+                            still_to_check()
+                            still_to_check = None
                         sums = tuple(int(checksum(t).item()) for t in sources)
                     else:  # a pass of gathers of its own: the checksums go ahead of the data in the manifest
                         if job is not None:
@@ -309,7 +323,20 @@ class WeightSender(GroupMember):
                 nonlocal gathers
                 sync.announce(manifest.to_doc(include_tensors=not announced), receivers)
                 announced_at = time.perf_counter()
-                sync.collect_verdicts()
+                refused = None
+                if still_to_check is not None:  # while the receivers read the announcement
+                    try:
+                        still_to_check()
+                    except InvalidTensorsError as err:
+                        refused = err
+                checked_at = time.perf_counter()
+                try:
+                    sync.collect_verdicts([str(refused)] if refused is not None else [])
+                except ConfigMismatchError:
+                    if refused is not None:
+                        raise refused from None
+                    raise
+                go_at = time.perf_counter()
                 assert group.comm is not None
                 with torch.no_grad():
                     if source is None:
@@ -343,6 +370,7 @@ class WeightSender(GroupMember):
                 assert group.epoch is not None
                 self.last_timings = {"layout_seconds": laid_out - started,
                                      "manifest_out_seconds": announced_at - started,
+                                     "checked_seconds": checked_at - started, "go_seconds": go_at - started,
                                      "first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
                                      "buffer_bytes_allocated": self.buffers.nbytes}
                 return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
@@ -425,3 +453,12 @@ def _materialised(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
         assert tensor is not None
         out.append((meta.name, tensor))
     return out
+
+
+def _check_dense(items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]) -> None:
+    """Every tensor is strided (dense): a sparse, sparse-CSR or mkldnn tensor cannot be packed as bytes."""
+    if set(map(_LAYOUT, tensors)) <= _DENSE:
+        return
+    name, tensor = next((n, t) for n, t in items if t.layout not in _DENSE)
+    raise InvalidTensorsError(f"tensor {name!r} is {tensor.layout} on {tensor.device}; only dense, materialised "
+                              "tensors can be sent")

@@ -19,11 +19,12 @@ reads the same metadata, so the trainer's code, `send(model.named_parameters(), 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from weightsync.runtime.errors import InvalidTensorsError
 
 _SECOND = operator.itemgetter(1)
 
@@ -158,15 +159,44 @@ class LazySource:
             yield t.detach()
 
 
-def as_source(named_tensors: object) -> tuple[WeightSource | None, list[tuple[str, torch.Tensor]]]:
-    """(a source, None) for a WeightSource or pairs holding a DTensor; (None, the pairs) for plain tensors,
-    which take the sender's all-in-memory path as before."""
+def as_source(named_tensors: object) -> tuple[WeightSource | None, list[tuple[str, torch.Tensor]],
+                                             list[torch.Tensor]]:
+    """(a source, [], []) for a WeightSource or pairs holding a DTensor; (None, the pairs, their tensors) for
+    plain tensors, which take the sender's all-in-memory path. A mapping (a state dict) counts as its items.
+
+    This runs before every sync, with tens of thousands of pairs on a MoE: the tensors are listed and their
+    classes read at C speed; whether every item really is a `(name, tensor)` pair is checked in full where
+    the tensor list is new (the sender's layout), and here only when listing them fails."""
     if isinstance(named_tensors, WeightSource):
-        return named_tensors, []
-    if not isinstance(named_tensors, Iterable):
-        raise TypeError(f"send() takes (name, tensor) pairs or a WeightSource, not {type(named_tensors).__name__}")
+        return named_tensors, [], []
+    if isinstance(named_tensors, Mapping):
+        named_tensors = named_tensors.items()
+    if not isinstance(named_tensors, Iterable) or isinstance(named_tensors, (str, bytes, torch.Tensor)):
+        raise InvalidTensorsError(f"send() takes (name, tensor) pairs or a WeightSource, not "
+                                  f"{type(named_tensors).__name__}")
     items = list(named_tensors)
-    # Which classes occur, at C speed (this runs before every sync of a plain trainer too).
-    if _DTensor is not None and any(issubclass(c, _DTensor) for c in set(map(type, map(_SECOND, items)))):
-        return NamedTensors(items), []
-    return None, items
+    try:
+        tensors = list(map(_SECOND, items))
+    except (TypeError, IndexError, KeyError):
+        raise InvalidTensorsError(pair_problem(items) or "send() takes (name, tensor) pairs") from None
+    if _DTensor is not None and any(issubclass(c, _DTensor) for c in set(map(type, tensors))):
+        problem = pair_problem(items)
+        if problem is not None:
+            raise InvalidTensorsError(problem)
+        return NamedTensors(items), [], []
+    return None, items, tensors
+
+
+def pair_problem(items: Sequence[object]) -> str | None:
+    """What makes `items` not a list of `(name, tensor)` pairs, naming the first item at fault; None if they are."""
+    for i, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            shown = repr(item)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return f"send() takes (name, tensor) pairs; item {i} is a {type(item).__name__}: {shown}"
+        name, tensor = item
+        if not isinstance(name, str):
+            return f"send() takes (name, tensor) pairs; item {i}'s name is a {type(name).__name__}, not a str"
+        if not isinstance(tensor, torch.Tensor):
+            return f"tensor {name!r} (item {i}) is a {type(tensor).__name__}, not a torch.Tensor"
+    return None

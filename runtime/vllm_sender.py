@@ -27,10 +27,17 @@ import torch
 import torch.distributed as dist
 from weightsync.runtime import vllm_wire as wire
 from weightsync.runtime.comm import member_device
-from weightsync.runtime.errors import ConfigMismatchError, PeerLostError, RendezvousError, WeightSyncError
+from weightsync.runtime.errors import (
+    ConfigMismatchError,
+    InvalidTensorsError,
+    PeerLostError,
+    RendezvousError,
+    WeightSyncError,
+)
 from weightsync.runtime.packing import TensorSpec
 from weightsync.runtime.report import SyncReport
 from weightsync.runtime.settings import RuntimeSettings
+from weightsync.runtime.source import pair_problem
 from weightsync.runtime.transfer import spec_of
 from weightsync.runtime.vllm_comm import EngineComm, Fence, GlooEngineComm, NcclEngineComm
 from weightsync.runtime.vllm_http import EngineClient, EngineError
@@ -72,14 +79,17 @@ def plan_layout(items: Sequence[tuple[str, torch.Tensor]], packed: bool, buffer_
         # with no timeout of its own: an empty update would leave every engine stuck in a broadcast.
         raise ConfigMismatchError("an empty tensor list: protocol vllm sends at least one tensor (vLLM reads an "
                                   "empty update_info as the previous update's tensor list)")
+    problem = pair_problem(items)
+    if problem is not None:
+        raise InvalidTensorsError(problem)
     names = tuple(n for n, _ in items)
     if len(set(names)) != len(names):
         seen: set[str] = set()
         duplicate = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise ConfigMismatchError(f"tensor name {duplicate!r} appears twice in one sync")
+        raise InvalidTensorsError(f"tensor name {duplicate!r} appears twice in one sync")
     for name, tensor in items:
         if tensor.layout != torch.strided or tensor.device.type == "meta":
-            raise ConfigMismatchError(f"tensor {name!r} is {tensor.layout}/{tensor.device.type}; only dense, "
+            raise InvalidTensorsError(f"tensor {name!r} is {tensor.layout}/{tensor.device.type}; only dense, "
                                       "materialised tensors can be sent")
     specs = [spec_of(n, t) for n, t in items]
     specs = [TensorSpec(s.name, wire.dtype_name(t.dtype), s.shape, s.itemsize) for s, (_, t) in zip(

@@ -39,6 +39,23 @@ def test_bounded_copy_is_bit_exact_and_follows_a_destination_that_moved() -> Non
     assert all(torch.equal(d, s) for d, s in zip(dests, sources, strict=True))
 
 
+def test_a_source_transposed_in_place_at_the_same_address_is_copied_in_its_new_order() -> None:
+    square = torch.randn(256, 256, device=DEVICE)
+    param = torch.nn.Parameter(square.clone())
+    sources = [torch.randn(1000, device=DEVICE), param]
+    dests = [torch.empty_like(s) for s in sources]
+    bounded = copies.BoundedCopies()
+    bounded.copy(("pack", 0), dests, sources, bounded=True)
+    assert bounded.kernel_copies == 1 and torch.equal(dests[1], param)
+
+    # Same address, shape and dtype; only the strides changed. Copying its storage order would hand the
+    # receivers the untransposed weight.
+    param.data = param.data.t()
+    assert param.data_ptr() == sources[1].data_ptr() and not param.is_contiguous()
+    bounded.copy(("pack", 0), dests, sources, bounded=True)
+    assert torch.equal(dests[1], square.t()) and torch.equal(dests[0], sources[0])
+
+
 def test_tensors_the_kernel_cannot_take_go_through_torch_and_still_arrive() -> None:
     odd = [torch.arange(7, dtype=torch.int8, device=DEVICE), torch.ones(3, dtype=torch.bool, device=DEVICE)]
     strided = [torch.randn(64, 64, device=DEVICE).t()]

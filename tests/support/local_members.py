@@ -324,18 +324,44 @@ def run_training_peer(job_port: int, versions: int, results: Queue[Any]) -> None
 
 def run_trainer_on_command(env: MemberEnv, count: int, commands: Queue[Any], results: Queue[Any],
                            device: str = "cpu") -> None:
-    """A trainer that sends version v whenever `v` arrives on `commands` (None ends it); one result each."""
+    """A trainer that sends version v whenever `v` arrives on `commands` (None ends it); one result each.
+    A command `(v, variant)` sends `tensors_as(variant, ...)` instead: a caller's mistake of that kind."""
     from weightsync.runtime import WeightSender
 
     _begin()
     with WeightSender(env, device=device) as sender:
-        while (version := commands.get()) is not None:
+        while (command := commands.get()) is not None:
+            version, variant = command if isinstance(command, tuple) else (command, "pairs")
             try:
                 named = make_tensors(count, version, device)
-                report = sender.send(named, version=version)
+                report = sender.send(tensors_as(variant, named), version=version)
                 results.put(_result(0, version=version, digest=digest(named), report=report.to_json()))
             except BaseException as err:
-                results.put(_error(0, err))
+                results.put(_error(0, err, value_error=isinstance(err, ValueError)))
+
+
+def tensors_as(variant: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+    """`named` as a caller might pass it: `pairs` (as is), `mapping` (a state dict), or with a mistake:
+    `sparse` / `csr` (the first 2-D float tensor in a sparse layout, same name, shape and dtype),
+    `duplicate` (the last name twice), `triple` (a third item in every pair)."""
+    if variant == "pairs":
+        return named
+    if variant == "mapping":
+        return dict(named)
+    if variant in ("sparse", "csr"):
+        i = sparse_victim(named)
+        name, t = named[i]
+        return [*named[:i], (name, t.to_sparse() if variant == "sparse" else t.to_sparse_csr()), *named[i + 1:]]
+    if variant == "duplicate":
+        return [*named, named[-1]]
+    if variant == "triple":
+        return [(n, t, "extra") for n, t in named]
+    raise ValueError(variant)
+
+
+def sparse_victim(named: list[tuple[str, torch.Tensor]]) -> int:
+    floats = (torch.float16, torch.float32, torch.bfloat16, torch.float64)
+    return next(i for i, (_, t) in enumerate(named) if t.dtype in floats and t.dim() == 2)
 
 
 def end_on_command(commands: Queue[Any], *processes: Any, wait: float = 30.0) -> None:
