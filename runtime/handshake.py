@@ -107,8 +107,12 @@ class Round:
         return self.formation.round(self.seq) + rest
 
     def _wait(self, keys: list[str], what: str, ranks: list[int]) -> list[Any]:
+        return self._waited(lambda: self.keys.wait(keys, self.deadline, self.check), keys, what, ranks)
+
+    def _waited(self, values: Callable[[], list[Any]], keys: list[str], what: str, ranks: list[int]) -> list[Any]:
+        """The values of `keys` a wait brings back; a wait that ran out names the members that did not answer."""
         try:
-            return self.keys.wait(keys, self.deadline, self.check)
+            return values()
         except TimeoutError:
             missing = [r for r, there in zip(ranks, self.keys.has(keys), strict=True) if not there]
             raise PeerLostError("; ".join(f"{self.describe(r)} did not answer {what} within {self.timeout:.0f}s "
@@ -119,17 +123,26 @@ class TrainerRound(Round):
     """The trainer's steps: announce, collect verdicts, go, (data), collect acknowledgements, done."""
 
     receivers: list[int]
+    _announced: Callable[[], None]
+    _verdicts: Callable[[], list[Any]]
 
     def announce(self, manifest: dict[str, Any], receivers: list[int]) -> None:
+        """Publish the manifest and start waiting for the verdicts; both answers are read by
+        `collect_verdicts`, so the trainer's own last checks run while the receivers read the manifest."""
         self.receivers = receivers
-        self.keys.put(manifest_key(self.formation, self.seq), manifest)
+        self._announced = self.keys.put_many_later({manifest_key(self.formation, self.seq): manifest})
+        self._verdicts = self.keys.wait_later(self._verdict_keys(), self.deadline, self.check)
+
+    def _verdict_keys(self) -> list[str]:
+        return [self._k(f"verdict/{r}") for r in self.receivers]
 
     def collect_verdicts(self, own_problems: list[str] | None = None) -> None:
         """Every receiver answers before data moves: a mismatch is refused with nothing written, and a
         receiver that died while it waited is found here, not in the middle of a broadcast. `own_problems`:
         the trainer's own reasons to refuse (found while the receivers read the announcement)."""
-        names = [self._k(f"verdict/{r}") for r in self.receivers]
-        verdicts = self._wait(names, f"the manifest of {self.version_hint}", self.receivers)
+        self._announced()
+        verdicts = self._waited(self._verdicts, self._verdict_keys(), f"the manifest of {self.version_hint}",
+                                self.receivers)
         problems = [f"{self.describe(0)}: {p}" for p in own_problems or ()]
         problems += [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
                      for p in v["problems"]]

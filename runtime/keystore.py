@@ -80,6 +80,22 @@ class KeyStore:
         except StoreUnreachable as err:
             raise trainer_unreachable(err) from err
 
+    def put_many_later(self, values: dict[str, Any]) -> Callable[[], None]:
+        """`put_many`, sent now; the returned function reads the store's answer (raising as `put_many` would)
+        and must be called before this store is used for anything that depends on the values being there."""
+        entries = [e for key, value in values.items() for e in self._sealed(key, value)]
+        try:
+            done = self.client.multi_set_later(entries)
+        except StoreUnreachable as err:
+            raise trainer_unreachable(err) from err
+
+        def stored() -> None:
+            try:
+                done()
+            except StoreUnreachable as err:
+                raise trainer_unreachable(err) from err
+        return stored
+
     def put_ephemeral(self, key: str, value: Any) -> None:
         """A value the store deletes when this client's connection closes: the process died."""
         full = self.full_name(key)
@@ -162,6 +178,26 @@ class KeyStore:
                 if not missing:
                     return self.get_many(keys)
                 raise TimeoutError(", ".join(missing))
+
+    def wait_later(self, keys: Sequence[str], deadline: float, on_poll: Callable[[], None]) -> Callable[[], list[Any]]:
+        """`wait`, with its first slice sent to the store now: the returned function brings the values back
+        (waiting on, as `wait` does, if they were not all there within that slice)."""
+        full = [self.full_name(k) for k in keys]
+        try:
+            first = self.client.wait_get_later(full, max(min(deadline - time.monotonic(), WAIT_SLICE_SECONDS), 0.0))
+        except StoreUnreachable as err:
+            raise trainer_unreachable(err) from err
+
+        def values() -> list[Any]:
+            try:
+                raw = first()
+            except StoreUnreachable as err:
+                raise trainer_unreachable(err) from err
+            if raw is not None:
+                return [self._open(f, r) for f, r in zip(full, raw, strict=True)]
+            on_poll()
+            return self.wait(keys, deadline, on_poll)
+        return values
 
     # ------------------------------------------------------------------------------------- clean-up
     def delete(self, keys: Sequence[str]) -> None:

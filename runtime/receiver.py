@@ -102,13 +102,15 @@ class WeightReceiver(GroupMember):
         return self.group.rank
 
     def _problems(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None,
-                  destinations: _Destinations) -> list[str]:
-        """`destinations`: _destination_identity(into), taken while the receiver still waited for the sync."""
+                  destinations: _Destinations, same_destinations: bool) -> list[str]:
+        """`destinations`: _destination_identity(into), taken while the receiver still waited for the sync;
+        `same_destinations`: whether they are the ones validated last time (compared then too)."""
         problems = self.group.transfer.differences(manifest.config)
         # The same tensor set into the same destination tensors, of the same shapes and dtypes, as last time
         # needs no second look.
         identity: _Identity = (manifest.signature, id(into), *destinations)
-        if not problems and self._validated == identity:
+        if not problems and same_destinations and self._validated is not None \
+                and self._validated[0] == manifest.signature:
             return problems
         for spec in manifest.tensors:
             if into is not None:
@@ -213,6 +215,7 @@ class WeightReceiver(GroupMember):
         # Read before the wait, not after the manifest arrives: with tens of thousands of destinations this is
         # milliseconds, and the sync should not wait for them. They cannot change while this call blocks.
         destinations = _destination_identity(into)
+        same_destinations = self._validated is not None and self._validated[1:] == (id(into), *destinations)
         seq, manifest = self._wait_for_manifest(timeout)
         if manifest.signature not in self._manifests:
             self._manifests = {manifest.signature: manifest}  # the newest set only: the trainer sends no older
@@ -222,7 +225,7 @@ class WeightReceiver(GroupMember):
         stage = ["checking"]  # -> "receiving" once data may land, -> "received" once all of it did
 
         def body() -> SyncReport:
-            problems = self._problems(manifest, into, destinations)
+            problems = self._problems(manifest, into, destinations, same_destinations)
             sync.verdict(problems)
             sync.await_go()
             plan = self._plans.get(manifest.signature)

@@ -911,6 +911,19 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(data)
 
 
+class _Owed:
+    """A request sent before the replies of earlier ones were read: its reply, once read, or its failure.
+    (A plain class: this module is also loaded by path, outside the package, where dataclasses cannot
+    resolve it.)"""
+
+    __slots__ = ("due", "error", "reply")
+
+    def __init__(self, due: tuple[float, float]) -> None:
+        self.due = due  # the reply's deadline, and its bound for the message
+        self.reply: bytes | None = None
+        self.error: StoreUnreachable | None = None
+
+
 class StoreClient:
     """One authenticated connection to the store. Thread-safe: requests are serialized, so a blocking
     `wait()` holds this client until it ends; use a client of its own for waits that may last."""
@@ -929,6 +942,7 @@ class StoreClient:
         self._closed = False
         self._c10d: Any = None
         self._clones: list[StoreClient] = []
+        self._owed: collections.deque[_Owed] = collections.deque()
 
     @classmethod
     def connect(cls, host: str, port: int, token: str, timeout: float, *, attempt_timeout: float = 2.0,
@@ -1016,39 +1030,96 @@ class StoreClient:
             clone.close()
 
     # ---------------------------------------------------------------------------------- the requests
+    # The server answers one connection's requests in order, so a request may be sent before the replies of
+    # earlier ones are read (`_later`): those replies are read first, in order, by whichever call comes next.
     def _call(self, parts: list[bytes], extra: float = 0.0) -> bytes:
+        with self._lock:
+            self._settle(None)
+            reply = self._read_reply(self._send_request(parts, extra))
+        return self._checked(reply)
+
+    def _later(self, parts: list[bytes], extra: float = 0.0) -> _Owed:
+        """Send a request now; its reply is read by `_owed_reply(owed)` (or by any later call first)."""
+        with self._lock:
+            owed = _Owed(self._send_request(parts, extra))
+            self._owed.append(owed)
+        return owed
+
+    def _owed_reply(self, owed: _Owed) -> bytes:
+        with self._lock:
+            self._settle(owed)
+        if owed.error is not None:
+            raise owed.error
+        assert owed.reply is not None
+        return self._checked(owed.reply)
+
+    def _settle(self, until: _Owed | None) -> None:
+        """Read the replies still owed to earlier `_later` requests, in order: all of them, or up to `until`.
+        A failure ends the connection, and every reply still owed fails with it. Holds the lock."""
+        while self._owed and (until is None or (until.reply is None and until.error is None)):
+            owed = self._owed[0]
+            try:
+                owed.reply = self._read_reply(owed.due)
+            except StoreUnreachable as err:
+                for left in self._owed:
+                    left.error = err
+                self._owed.clear()
+                if until is None:
+                    raise
+                return
+            self._owed.popleft()
+
+    def _send_request(self, parts: list[bytes], extra: float) -> tuple[float, float]:
+        """Seal and send one request (the lock held); (its reply's deadline, the bound) for `_read_reply`."""
         plaintext = b"".join(parts)
         if len(plaintext) > self._max_request:
             raise ValueError(f"a request of {len(plaintext)} bytes is over the store's limit of "
                              f"{self._max_request} bytes")
         bound = self._op_timeout + extra
-        with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise StoreUnreachable(f"the connection to the store at {self.address} is closed"
-                                       + ("" if self._closed else " after an earlier failure"))
-            try:
-                deadline = time.monotonic() + bound
-                sock.settimeout(bound)
-                header, body = self._tx.seal(plaintext)
-                if len(body) <= _BIG:
-                    sock.sendall(header + body)
-                else:
-                    sock.sendall(header)
-                    sock.sendall(body)
-                reader = self._reader
-                while (frame := reader.frame()) is None:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    if not reader.fill(sock):
-                        raise ConnectionError("it closed the connection")
-                reply = self._rx.open(frame)
-            except TimeoutError as err:
-                self._abandon()
-                raise StoreUnreachable(f"the store at {self.address} did not answer within {bound:.1f}s") from err
-            except (OSError, InvalidTag, _ProtocolError) as err:
-                self._abandon()
-                what = "a reply failed authentication" if isinstance(err, InvalidTag) else str(err) or repr(err)
-                raise StoreUnreachable(f"the store at {self.address} stopped answering: {what}") from err
+        sock = self._sock
+        if sock is None:
+            raise StoreUnreachable(f"the connection to the store at {self.address} is closed"
+                                   + ("" if self._closed else " after an earlier failure"))
+        try:
+            sock.settimeout(bound)
+            header, body = self._tx.seal(plaintext)
+            if len(body) <= _BIG:
+                sock.sendall(header + body)
+            else:
+                sock.sendall(header)
+                sock.sendall(body)
+        except TimeoutError as err:
+            self._abandon()
+            raise StoreUnreachable(f"the store at {self.address} did not take a request within {bound:.1f}s") \
+                from err
+        except OSError as err:
+            self._abandon()
+            raise StoreUnreachable(f"the store at {self.address} stopped answering: {err or repr(err)}") from err
+        return time.monotonic() + bound, bound
+
+    def _read_reply(self, due: tuple[float, float]) -> bytes:
+        """The next reply on the connection, authenticated (the lock held)."""
+        deadline, bound = due
+        sock = self._sock
+        if sock is None:
+            raise StoreUnreachable(f"the connection to the store at {self.address} is closed"
+                                   + ("" if self._closed else " after an earlier failure"))
+        try:
+            reader = self._reader
+            while (frame := reader.frame()) is None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                if not reader.fill(sock):
+                    raise ConnectionError("it closed the connection")
+            return self._rx.open(frame)
+        except TimeoutError as err:
+            self._abandon()
+            raise StoreUnreachable(f"the store at {self.address} did not answer within {bound:.1f}s") from err
+        except (OSError, InvalidTag, _ProtocolError) as err:
+            self._abandon()
+            what = "a reply failed authentication" if isinstance(err, InvalidTag) else str(err) or repr(err)
+            raise StoreUnreachable(f"the store at {self.address} stopped answering: {what}") from err
+
+    def _checked(self, reply: bytes) -> bytes:
         if reply[:1] == _OK_BYTE:
             return reply
         if reply[:1] == bytes((_REFUSED,)):
@@ -1080,6 +1151,15 @@ class StoreClient:
     def multi_set(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Every item in one round trip; all are stored or (over a limit) none."""
         self._call(self._item_parts(_OP_MULTI_SET, items))
+
+    def multi_set_later(self, items: Sequence[tuple[str, bytes]]) -> Callable[[], None]:
+        """`multi_set`, with its reply read when the returned function is called: the caller does other work
+        meanwhile. Until then, any other call on this client reads that reply first."""
+        owed = self._later(self._item_parts(_OP_MULTI_SET, items))
+
+        def done() -> None:
+            self._owed_reply(owed)
+        return done
 
     def set_ephemeral(self, key: str, value: bytes) -> None:
         """Like `set`, but the server deletes the key when this connection closes (or its process dies)."""
@@ -1115,9 +1195,19 @@ class StoreClient:
         """Like `wait`, then the values, in one round trip; None on time-out."""
         seconds = _wait_seconds(timeout)
         reply = self._call(self._key_parts(_OP_WAIT, keys, _WAIT.pack(seconds, 1)), seconds)
+        return self._waited(reply, len(keys))
+
+    def wait_get_later(self, keys: Sequence[str], timeout: float) -> Callable[[], list[bytes] | None]:
+        """`wait_get`, its result read when the returned function is called (`multi_set_later`). The wait
+        runs in the server meanwhile; any other call on this client first waits for it to end."""
+        seconds = _wait_seconds(timeout)
+        owed = self._later(self._key_parts(_OP_WAIT, keys, _WAIT.pack(seconds, 1)), seconds)
+        return lambda: self._waited(self._owed_reply(owed), len(keys))
+
+    def _waited(self, reply: bytes, n: int) -> list[bytes] | None:
         if reply[1:2] != b"\x01":
             return None
-        values = self._values(reply, 2, len(keys))
+        values = self._values(reply, 2, n)
         return [v if v is not None else b"" for v in values]
 
     def add(self, key: str, amount: int) -> int:

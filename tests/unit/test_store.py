@@ -215,6 +215,36 @@ def test_wait_times_out(server: StoreServer, client: StoreClient) -> None:
     assert client.get("never") == b"now"
 
 
+def test_requests_sent_ahead_of_their_replies_are_answered_in_order(server: StoreServer, client: StoreClient) -> None:
+    writer = connect(server.port)
+    stored = client.multi_set_later([("announced", b"manifest")])
+    verdicts = client.wait_get_later(["verdict/1", "verdict/2"], 30.0)
+    until(lambda: writer.get("announced") == b"manifest", what="the first request to be served before its "
+          "reply was read")
+    until(lambda: server.stats()["waiters"] == 1, what="the wait sent behind it to reach the server")
+    writer.multi_set([("verdict/1", b"ok"), ("verdict/2", b"")])
+    stored()
+    assert verdicts() == [b"ok", b""]
+    assert client.get("announced") == b"manifest"  # the connection is in step
+    # A reply not read yet is read by the next call first, whichever it is; its own result stays readable.
+    late = client.wait_get_later(["never"], 0.2)
+    assert client.get("verdict/1") == b"ok"
+    assert late() is None
+    writer.close()
+
+
+def test_a_request_sent_ahead_fails_named_when_the_store_goes(server: StoreServer) -> None:
+    client = connect(server.port)
+    waiting = client.wait_get_later(["never"], 30.0)
+    until(lambda: server.stats()["waiters"] == 1, what="the wait to reach the server")
+    server.close()
+    with pytest.raises(StoreUnreachable, match=r"127\.0\.0\.1"):
+        waiting()
+    with pytest.raises(StoreUnreachable):
+        client.get("anything")
+    client.close()
+
+
 def test_a_blocking_wait_does_not_hold_up_other_clients(server: StoreServer, client: StoreClient) -> None:
     other = connect(server.port)
     waiting = threading.Thread(target=client.wait, args=(["late"], 60.0))
