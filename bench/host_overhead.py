@@ -71,7 +71,6 @@ def trainer(env: Any, set_name: str, syncs: int, profile: bool, idle: float, out
             rows.append({"total_ms": 1e3 * total, "first_byte_ms": 1e3 * sender.last_timings["first_byte_seconds"],
                          "layout_ms": 1e3 * sender.last_timings.get("layout_seconds", float("nan")),
                          "manifest_out_ms": 1e3 * sender.last_timings.get("manifest_out_seconds", float("nan")),
-                         "checked_ms": 1e3 * sender.last_timings.get("checked_seconds", float("nan")),
                          "go_ms": 1e3 * sender.last_timings.get("go_seconds", float("nan")),
                          "enqueue_ms": 1e3 * sender.last_timings["enqueue_seconds"]})
     out.put((0, rows, _profile_text(profiler)))
@@ -125,7 +124,7 @@ def main() -> None:
         "trainer_total_ms": median(0, "total_ms"), "trainer_first_byte_ms": median(0, "first_byte_ms"),
         "trainer_enqueue_ms": median(0, "enqueue_ms"), "trainer_layout_ms": median(0, "layout_ms"),
         "trainer_manifest_out_ms": median(0, "manifest_out_ms"),
-        "trainer_checked_ms": median(0, "checked_ms"), "trainer_go_ms": median(0, "go_ms"),
+        "trainer_go_ms": median(0, "go_ms"),
         "receiver_first_byte_ms": max(median(r, "first_byte_ms") for r in steady if r != 0),
         "first_sync_total_ms": results[0][0][0]["total_ms"],
     }

@@ -40,7 +40,7 @@ case "${1:-}" in
 import glob, json, platform, statistics, sys
 runs, dest, head, old = sys.argv[1:]
 keys = ("trainer_total_ms", "trainer_first_byte_ms", "trainer_layout_ms", "trainer_manifest_out_ms",
-        "trainer_checked_ms", "trainer_go_ms", "trainer_enqueue_ms", "receiver_first_byte_ms")
+        "trainer_go_ms", "trainer_enqueue_ms", "receiver_first_byte_ms")
 nan = float("nan")
 doc = {"command": "bash bench/host_overhead_ab.sh prepare OLD && bash bench/host_overhead_ab.sh run OUT",
        "commits": {"head": head, "old": old}, "python": platform.python_version(), "runs": {}, "median_of_runs": {}}

@@ -127,8 +127,8 @@ class TrainerRound(Round):
     _verdicts: Callable[[], list[Any]]
 
     def announce(self, manifest: dict[str, Any], receivers: list[int]) -> None:
-        """Publish the manifest and start waiting for the verdicts; both answers are read by
-        `collect_verdicts`, so the trainer's own last checks run while the receivers read the manifest."""
+        """Publish the manifest and start waiting for the verdicts in the same round trip: the store answers
+        both, in order, and `collect_verdicts` reads the answers."""
         self.receivers = receivers
         self._announced = self.keys.put_many_later({manifest_key(self.formation, self.seq): manifest})
         self._verdicts = self.keys.wait_later(self._verdict_keys(), self.deadline, self.check)
@@ -136,16 +136,14 @@ class TrainerRound(Round):
     def _verdict_keys(self) -> list[str]:
         return [self._k(f"verdict/{r}") for r in self.receivers]
 
-    def collect_verdicts(self, own_problems: list[str] | None = None) -> None:
+    def collect_verdicts(self) -> None:
         """Every receiver answers before data moves: a mismatch is refused with nothing written, and a
-        receiver that died while it waited is found here, not in the middle of a broadcast. `own_problems`:
-        the trainer's own reasons to refuse (found while the receivers read the announcement)."""
+        receiver that died while it waited is found here, not in the middle of a broadcast."""
         self._announced()
         verdicts = self._waited(self._verdicts, self._verdict_keys(), f"the manifest of {self.version_hint}",
                                 self.receivers)
-        problems = [f"{self.describe(0)}: {p}" for p in own_problems or ()]
-        problems += [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
-                     for p in v["problems"]]
+        problems = [f"{self.describe(r)}: {p}" for r, v in zip(self.receivers, verdicts, strict=True)
+                    for p in v["problems"]]
         self.keys.put(self._k("go"), {"problems": problems})
         if problems:
             raise ConfigMismatchError(f"sync {self.version_hint} refused before any data moved: "

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
-from weightsync.runtime.errors import ConfigMismatchError, InvalidTensorsError, TrainerJobError, WeightSyncError
+from weightsync.runtime.errors import InvalidTensorsError, TrainerJobError, WeightSyncError
 from weightsync.runtime.group import GroupMember, SyncGroup
 from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.packing import PackingPlan, TensorSpec
@@ -36,7 +36,6 @@ _FIRST = operator.itemgetter(0)
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _LAYOUT = operator.attrgetter("layout")
-_DENSE = {torch.strided}
 
 
 class EngineSender(Protocol):
@@ -80,7 +79,8 @@ class WeightSender(GroupMember):
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
-        self._layout_cache: tuple[list[str], list[torch.Size], list[torch.dtype], tuple[TensorSpec, ...]] | None = None
+        self._layout_cache: tuple[list[str], list[torch.Size], list[torch.dtype], list[torch.layout],
+                                  tuple[TensorSpec, ...]] | None = None
         if self.trainer_rank != 0:  # joins the gathers only: no group, no engines, no report of its own
             self._annotator = None
             return
@@ -115,21 +115,20 @@ class WeightSender(GroupMember):
         return manifest, plan
 
     def _layout(self, items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]
-                ) -> tuple[tuple[TensorSpec, ...], list[torch.Tensor], Callable[[], None] | None]:
-        """The specs of `items` and a check still to run before any byte moves (None: nothing left).
+                ) -> tuple[tuple[TensorSpec, ...], list[torch.Tensor]]:
+        """The specs of `items`, rebuilt only when names, shapes, dtypes or layouts changed since the last sync.
 
-        Specs are rebuilt only when names, dtypes or shapes changed since the last sync. With tens of
-        thousands of tensors this is most of the trainer's Python work before the first byte (each attribute
-        read costs 0.1-0.4 us a tensor: bench/README.md), so it runs as C-level map over flat lists, and the
-        one read that cannot change the specs (every tensor's layout: a sparse tensor under a known name and
-        shape) is handed back, to run while the receivers answer the announcement."""
+        With tens of thousands of tensors this is most of the trainer's Python work before the first byte
+        (each attribute read costs 0.1-0.4 us a tensor: bench/README.md), so it runs as C-level map over flat
+        lists, one attribute at a time while the tensors are warm in the cache, compared as lists (identity
+        first). Every layout is read too: a sparse tensor under a known name and shape is refused like any
+        other, before anything is announced."""
         cached = self._layout_cache
         if cached is not None:
             try:
-                names = list(map(_FIRST, items))
-                if (names == cached[0] and list(map(_SHAPE, tensors)) == cached[1]
-                        and list(map(_DTYPE, tensors)) == cached[2]):
-                    return cached[3], tensors, lambda: _check_dense(items, tensors)
+                if (list(map(_FIRST, items)) == cached[0] and list(map(_SHAPE, tensors)) == cached[1]
+                        and list(map(_DTYPE, tensors)) == cached[2] and list(map(_LAYOUT, tensors)) == cached[3]):
+                    return cached[4], tensors
             except (TypeError, AttributeError, IndexError):
                 pass  # not pairs of tensors: the full check below names the item
         problem = pair_problem(items)
@@ -140,14 +139,17 @@ class WeightSender(GroupMember):
             seen: set[str] = set()
             duplicate = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
             raise InvalidTensorsError(f"tensor name {duplicate!r} appears twice in one sync")
-        _check_dense(items, tensors)
         for name, tensor in items:
+            if tensor.layout is not torch.strided:
+                raise InvalidTensorsError(f"tensor {name!r} is {tensor.layout} on {tensor.device}; only dense, "
+                                          "materialised tensors can be sent")
             if tensor.device.type == "meta":
                 raise InvalidTensorsError(f"tensor {name!r} is on the meta device (not materialised); only "
                                           "dense, materialised tensors can be sent")
         specs = tuple(spec_of(name, tensor) for name, tensor in items)
-        self._layout_cache = (names, list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors)), specs)
-        return specs, tensors, None
+        self._layout_cache = (names, list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors)),
+                              [torch.strided] * len(tensors), specs)
+        return specs, tensors
 
     def _source_specs(self, source: WeightSource) -> tuple[tuple[TensorSpec, ...], str]:
         """A source's specs and the trainer job's signature of them (names, dtypes, shapes, placements), the
@@ -228,9 +230,7 @@ class WeightSender(GroupMember):
                 count = len(source.tensors())
                 _, signature = self._source_specs(source)
             else:
-                specs, _, still_to_check = self._layout(items, tensors)
-                if still_to_check is not None:
-                    still_to_check()
+                specs, _ = self._layout(items, tensors)
                 count, signature = 0, self._plain_signature(specs)
         except BaseException as err:
             job.post_ready(seq, version, "", error=f"{type(err).__name__}: {err}")
@@ -281,11 +281,10 @@ class WeightSender(GroupMember):
                 self.group.ensure_store(deadline)
                 job.connect("127.0.0.1", deadline)
             source, items, sources = as_source(named_tensors)
-            still_to_check: Callable[[], None] | None = None
             if source is not None:
                 specs, signature = self._source_specs(source)
             else:
-                specs, sources, still_to_check = self._layout(items, sources)
+                specs, sources = self._layout(items, sources)
                 signature = self._plain_signature(specs) if job is not None else ""
             if job is not None:
                 job.await_ready(seq, version, signature, time.monotonic() + timeout)
@@ -295,9 +294,6 @@ class WeightSender(GroupMember):
             if self.env.checksums:
                 with torch.no_grad():
                     if source is None:
-                        if still_to_check is not None:  # before reading the bytes, not overlapped
-                            still_to_check()
-                            still_to_check = None
                         sums = tuple(int(checksum(t).item()) for t in sources)
                     else:  # a pass of gathers of its own: the checksums go ahead of the data in the manifest
                         if job is not None:
@@ -323,19 +319,7 @@ class WeightSender(GroupMember):
                 nonlocal gathers
                 sync.announce(manifest.to_doc(include_tensors=not announced), receivers)
                 announced_at = time.perf_counter()
-                refused = None
-                if still_to_check is not None:  # while the receivers read the announcement
-                    try:
-                        still_to_check()
-                    except InvalidTensorsError as err:
-                        refused = err
-                checked_at = time.perf_counter()
-                try:
-                    sync.collect_verdicts([str(refused)] if refused is not None else [])
-                except ConfigMismatchError:
-                    if refused is not None:
-                        raise refused from None
-                    raise
+                sync.collect_verdicts()
                 go_at = time.perf_counter()
                 assert group.comm is not None
                 with torch.no_grad():
@@ -370,7 +354,7 @@ class WeightSender(GroupMember):
                 assert group.epoch is not None
                 self.last_timings = {"layout_seconds": laid_out - started,
                                      "manifest_out_seconds": announced_at - started,
-                                     "checked_seconds": checked_at - started, "go_seconds": go_at - started,
+                                     "go_seconds": go_at - started,
                                      "first_byte_seconds": first - started, "enqueue_seconds": enqueued - started,
                                      "buffer_bytes_allocated": self.buffers.nbytes}
                 return SyncReport.make(version, len(specs), plan.total_bytes, time.perf_counter() - started,
@@ -453,12 +437,3 @@ def _materialised(source: WeightSource) -> list[tuple[str, torch.Tensor]]:
         assert tensor is not None
         out.append((meta.name, tensor))
     return out
-
-
-def _check_dense(items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]) -> None:
-    """Every tensor is strided (dense): a sparse, sparse-CSR or mkldnn tensor cannot be packed as bytes."""
-    if set(map(_LAYOUT, tensors)) <= _DENSE:
-        return
-    name, tensor = next((n, t) for n, t in items if t.layout not in _DENSE)
-    raise InvalidTensorsError(f"tensor {name!r} is {tensor.layout} on {tensor.device}; only dense, materialised "
-                              "tensors can be sent")
