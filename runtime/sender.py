@@ -17,7 +17,7 @@ from weightsync.runtime.manifest import Manifest, build_manifest
 from weightsync.runtime.packing import PackingPlan, TensorSpec
 from weightsync.runtime.report import PodAnnotator, SyncReport
 from weightsync.runtime.settings import RuntimeSettings
-from weightsync.runtime.source import SourceTensor, WeightSource, as_source, pair_problem
+from weightsync.runtime.source import SourceTensor, WeightSource, as_source, pair_problem, sharded_source
 from weightsync.runtime.trainer_job import Gathers, TrainerJob, job_ranks, outcome_result
 from weightsync.runtime.transfer import (
     Buffers,
@@ -33,9 +33,8 @@ from weightsync.contract import MemberEnv
 log = logging.getLogger("weightsync.runtime")
 
 _FIRST = operator.itemgetter(0)
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_LAYOUT = operator.attrgetter("layout")
+#: What the tensor-list check compares, read from each tensor in one pass.
+_METADATA = operator.attrgetter("shape", "dtype", "layout", "__class__")
 
 
 class EngineSender(Protocol):
@@ -79,8 +78,8 @@ class WeightSender(GroupMember):
         self.last_report: SyncReport | None = None
         #: Where the time of the last sync went: time to first byte, host enqueue time (seconds).
         self.last_timings: dict[str, float] = {}
-        self._layout_cache: tuple[list[str], list[torch.Size], list[torch.dtype], list[torch.layout],
-                                  tuple[TensorSpec, ...]] | None = None
+        #: The last plain tensor list: its names, every tensor's (shape, dtype, layout, class), its specs.
+        self._layout_cache: tuple[list[str], list[tuple[Any, ...]], tuple[TensorSpec, ...]] | None = None
         if self.trainer_rank != 0:  # joins the gathers only: no group, no engines, no report of its own
             self._annotator = None
             return
@@ -114,23 +113,43 @@ class WeightSender(GroupMember):
         self._cached = (specs, manifest, plan)
         return manifest, plan
 
-    def _layout(self, items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]
-                ) -> tuple[tuple[TensorSpec, ...], list[torch.Tensor]]:
-        """The specs of `items`, rebuilt only when names, shapes, dtypes or layouts changed since the last sync.
+    def _plain_or_sharded(self, named_tensors: object
+                          ) -> tuple[WeightSource | None, tuple[TensorSpec, ...], list[torch.Tensor]]:
+        """(None, specs, tensors) for plain tensors; (the source, (), []) for a WeightSource or pairs holding
+        DTensors."""
+        source, items, tensors = as_source(named_tensors)
+        if source is not None:
+            return source, (), []
+        specs = self._cached_specs(items, tensors)
+        if specs is not None:
+            return None, specs, tensors
+        sharded = sharded_source(items, tensors)
+        if sharded is not None:
+            return sharded, (), []
+        return None, self._new_specs(items, tensors), tensors
 
-        With tens of thousands of tensors this is most of the trainer's Python work before the first byte
-        (each attribute read costs 0.1-0.4 us a tensor: bench/README.md), so it runs as C-level map over flat
-        lists, one attribute at a time while the tensors are warm in the cache, compared as lists (identity
-        first). Every layout is read too: a sparse tensor under a known name and shape is refused like any
-        other, before anything is announced."""
+    def _cached_specs(self, items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]
+                      ) -> tuple[TensorSpec, ...] | None:
+        """The last sync's specs if `items` are the same tensor list: the same names, and every tensor of the
+        same shape, dtype, layout and class (so still dense, and not a DTensor).
+
+        With tens of thousands of tensors this is most of the trainer's Python work before the first byte,
+        all of it reading torch attributes, so it runs as C-level map over flat lists, with one pass reading
+        all four from each tensor: between syncs the tensors fall out of the CPU's caches, and a pass over
+        them costs a cache miss a tensor (bench/README.md)."""
         cached = self._layout_cache
-        if cached is not None:
-            try:
-                if (list(map(_FIRST, items)) == cached[0] and list(map(_SHAPE, tensors)) == cached[1]
-                        and list(map(_DTYPE, tensors)) == cached[2] and list(map(_LAYOUT, tensors)) == cached[3]):
-                    return cached[4], tensors
-            except (TypeError, AttributeError, IndexError):
-                pass  # not pairs of tensors: the full check below names the item
+        if cached is None:
+            return None
+        try:
+            if list(map(_FIRST, items)) == cached[0] and list(map(_METADATA, tensors)) == cached[1]:
+                return cached[2]
+        except (TypeError, AttributeError, IndexError):
+            pass  # not pairs of tensors: the full check names the item
+        return None
+
+    def _new_specs(self, items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]
+                   ) -> tuple[TensorSpec, ...]:
+        """A tensor list not sent before, checked in full: pairs, unique names, dense materialised tensors."""
         problem = pair_problem(items)
         if problem is not None:
             raise InvalidTensorsError(problem)
@@ -147,9 +166,8 @@ class WeightSender(GroupMember):
                 raise InvalidTensorsError(f"tensor {name!r} is on the meta device (not materialised); only "
                                           "dense, materialised tensors can be sent")
         specs = tuple(spec_of(name, tensor) for name, tensor in items)
-        self._layout_cache = (names, list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors)),
-                              [torch.strided] * len(tensors), specs)
-        return specs, tensors
+        self._layout_cache = (names, list(map(_METADATA, tensors)), specs)
+        return specs
 
     def _source_specs(self, source: WeightSource) -> tuple[tuple[TensorSpec, ...], str]:
         """A source's specs and the trainer job's signature of them (names, dtypes, shapes, placements), the
@@ -190,7 +208,8 @@ class WeightSender(GroupMember):
                 return self._follow(named_tensors, version)
             if self._engine is None:
                 return self._send(named_tensors, version)
-            source, items, _ = as_source(named_tensors)
+            source, items, tensors = as_source(named_tensors)
+            source = source or sharded_source(items, tensors)
             if source is not None:
                 items = _materialised(source)  # protocol vllm: one rank, gathered up front (not bounded yet)
             report = self._engine.send(items, version)
@@ -203,6 +222,7 @@ class WeightSender(GroupMember):
     def close(self) -> None:
         """Leave the group (protocol `vllm`: shut the engines' transfer engines down) and free the buffers."""
         if self.job is not None:
+            self.job.linger_for_failure_readers()
             self.job.close()
         if self.trainer_rank != 0:
             return
@@ -225,12 +245,11 @@ class WeightSender(GroupMember):
         timeout = self.env.timeout_seconds
         job.connect(self.env.master_addr, time.monotonic() + timeout)
         try:
-            source, items, tensors = as_source(named_tensors)
+            source, specs, _ = self._plain_or_sharded(named_tensors)
             if source is not None:
                 count = len(source.tensors())
                 _, signature = self._source_specs(source)
             else:
-                specs, _ = self._layout(items, tensors)
                 count, signature = 0, self._plain_signature(specs)
         except BaseException as err:
             job.post_ready(seq, version, "", error=f"{type(err).__name__}: {err}")
@@ -280,11 +299,10 @@ class WeightSender(GroupMember):
                 deadline = time.monotonic() + timeout
                 self.group.ensure_store(deadline)
                 job.connect("127.0.0.1", deadline)
-            source, items, sources = as_source(named_tensors)
+            source, specs, sources = self._plain_or_sharded(named_tensors)
             if source is not None:
                 specs, signature = self._source_specs(source)
             else:
-                specs, sources = self._layout(items, sources)
                 signature = self._plain_signature(specs) if job is not None else ""
             if job is not None:
                 job.await_ready(seq, version, signature, time.monotonic() + timeout)

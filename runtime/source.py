@@ -161,12 +161,10 @@ class LazySource:
 
 def as_source(named_tensors: object) -> tuple[WeightSource | None, list[tuple[str, torch.Tensor]],
                                              list[torch.Tensor]]:
-    """(a source, [], []) for a WeightSource or pairs holding a DTensor; (None, the pairs, their tensors) for
-    plain tensors, which take the sender's all-in-memory path. A mapping (a state dict) counts as its items.
-
-    This runs before every sync, with tens of thousands of pairs on a MoE: the tensors are listed and their
-    classes read at C speed; whether every item really is a `(name, tensor)` pair is checked in full where
-    the tensor list is new (the sender's layout), and here only when listing them fails."""
+    """(the source, [], []) for a WeightSource; (None, the pairs, their tensors) for `(name, tensor)` pairs,
+    a mapping (a state dict) counting as its items. Whether the pairs hold DTensors (`sharded_source`) and
+    whether they really are pairs (`pair_problem`) is asked only of a tensor list that is not the last
+    sync's: this runs before every sync, with tens of thousands of pairs on a MoE."""
     if isinstance(named_tensors, WeightSource):
         return named_tensors, [], []
     if isinstance(named_tensors, Mapping):
@@ -179,12 +177,17 @@ def as_source(named_tensors: object) -> tuple[WeightSource | None, list[tuple[st
         tensors = list(map(_SECOND, items))
     except (TypeError, IndexError, KeyError):
         raise InvalidTensorsError(pair_problem(items) or "send() takes (name, tensor) pairs") from None
-    if _DTensor is not None and any(issubclass(c, _DTensor) for c in set(map(type, tensors))):
-        problem = pair_problem(items)
-        if problem is not None:
-            raise InvalidTensorsError(problem)
-        return NamedTensors(items), [], []
     return None, items, tensors
+
+
+def sharded_source(items: list[tuple[str, torch.Tensor]], tensors: list[torch.Tensor]) -> NamedTensors | None:
+    """The pairs as a source when any tensor is a DTensor (gathered just in time); None for plain tensors."""
+    if _DTensor is None or not any(issubclass(c, _DTensor) for c in set(map(type, tensors))):
+        return None
+    problem = pair_problem(items)
+    if problem is not None:
+        raise InvalidTensorsError(problem)
+    return NamedTensors(items)
 
 
 def pair_problem(items: Sequence[object]) -> str | None:

@@ -218,6 +218,22 @@ class TrainerJob:
         self.keys = keys
         return keys
 
+    def linger_for_failure_readers(self) -> None:
+        """Rank 0 hosts the store: when its process leaves after the job was lost in a sync, keep the store
+        up, briefly, until every other rank still connected has seen why (it posted its own failure of that
+        sync), so that they name the rank at fault instead of only seeing the store vanish."""
+        if self.rank != 0 or self.lost is None or self.keys is None or not self.others:
+            return
+        seq, others = self.seq - 1, self.others
+        give_up = time.monotonic() + min(3.0, self.timeout)
+        with contextlib.suppress(WeightSyncError):
+            while time.monotonic() < give_up:
+                flags = self.keys.has([alive_key(r) for r in others] + [f"s{seq}/fail/{r}" for r in others])
+                alive, failed = flags[:len(others)], flags[len(others):]
+                if all(f or not a for a, f in zip(alive, failed, strict=True)):
+                    return
+                time.sleep(0.02)
+
     def close(self) -> None:
         if self.liveness is not None:
             self.liveness.stop()
