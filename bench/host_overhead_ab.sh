@@ -3,7 +3,8 @@
 # days, even of one machine kind, do not compare). Two steps, so the second runs on the device:
 #   bash bench/host_overhead_ab.sh prepare bc1b3fd      # here: the old tree into build/old (git archive)
 #   bash bench/host_overhead_ab.sh run "$OUT"           # there, with .whl/ and build/old carried
-# Writes ab.json (every run's summary and the medians), the two MoE profiles and the runs' log.
+# Writes ab.json (every run's summary and the medians), the two MoE profiles (not with PROFILES=0) and the
+# runs' log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -32,6 +33,7 @@ case "${1:-}" in
       done
     done
     for tree in head old; do
+      [[ ${PROFILES:-1} == 0 ]] && break  # PROFILES=0: no profiles (device time is scarce)
       dir="$root"; [[ $tree == old ]] && dir="$root/build/old"
       (cd "$dir" && PYTHONPATH="/tmp/site:$dir" python3 bench/host_overhead.py --set moe --syncs "${SYNCS:-20}" --profile \
         --out "$runs/profile-$tree.json" 2>&1 | grep -v -e Warn -e conversion_method > "$out/moe-$tree-profile.log")
