@@ -121,7 +121,8 @@ class BoundedCopies:
         cached = self._tables.get(key)
         # The same addresses are not enough: a square weight transposed in place (`p.data = p.data.t()`)
         # keeps its address, shape and dtype, and the kernel would copy its storage order as if it were
-        # the tensor's.
+        # the tensor's. (A complex weight given a lazy conjugate or negative view in place, `p.data =
+        # p.data.conj()`, is not looked for here: its bytes would travel unconjugated.)
         if (cached is not None and cached.src_ptrs == src_ptrs and cached.dst_ptrs == dst_ptrs
                 and all(map(_CONTIGUOUS, sources)) and all(map(_CONTIGUOUS, destinations))):
             return cached
@@ -139,10 +140,12 @@ def _disable(reason: str) -> None:
 def _takes(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], src_ptrs: list[int],
            dst_ptrs: list[int]) -> list[bool]:
     """Per pair, whether the kernel can copy it: whole 4-byte words at 4-byte addresses, contiguous, the same
-    size, dtype and device on both sides, and under 2 GiB (the kernel's offsets are 32-bit)."""
+    size, dtype and device on both sides, no lazy conjugate or negative view, and under 2 GiB (the kernel's
+    offsets are 32-bit)."""
     device = destinations[0].device
     return [not (d.numel() * d.element_size() % _WORD or d.numel() * d.element_size() >= _MAX_BYTES
                  or sp % _WORD or dp % _WORD or d.dtype != s.dtype
                  or d.shape != s.shape or not d.is_contiguous() or not s.is_contiguous() or s.device != device
+                 or s.is_conj() or s.is_neg() or d.is_conj() or d.is_neg()
                  or d.device != device or d.numel() == 0)
             for d, s, sp, dp in zip(destinations, sources, src_ptrs, dst_ptrs, strict=True)]

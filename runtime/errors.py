@@ -70,9 +70,12 @@ class ConfigMismatchError(WeightSyncError):
 
 class InvalidTensorsError(ConfigMismatchError, ValueError):
     """The trainer's tensors cannot be sent as given: not `(name, tensor)` pairs, a name twice, a tensor that
-    is not dense (sparse, mkldnn) or not materialised (meta). Refused on the trainer before any data moves;
-    a receiver that was already told of the sync gets the refusal too. A ValueError as well, as a bad
-    argument is."""
+    is not dense (sparse, mkldnn) or not materialised (meta). Refused on the trainer before anything is
+    announced; the receivers never hear of that sync. A ValueError as well, as a bad argument is.
+
+    A tensor list the last sync sent is recognised by every tensor's name, shape, dtype, layout and class
+    (read each sync); its device is not read again, so a tensor moved to the meta device since fails the
+    sync in the data path, with torch's own error, as any failure mid-sync does."""
 
 
 class ChecksumError(WeightSyncError):

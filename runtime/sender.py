@@ -209,7 +209,8 @@ class WeightSender(GroupMember):
             if self._engine is None:
                 return self._send(named_tensors, version)
             source, items, tensors = as_source(named_tensors)
-            source = source or sharded_source(items, tensors)
+            if source is None:
+                source = sharded_source(items, tensors)
             if source is not None:
                 items = _materialised(source)  # protocol vllm: one rank, gathered up front (not bounded yet)
             report = self._engine.send(items, version)

@@ -1033,17 +1033,35 @@ class StoreClient:
     # The server answers one connection's requests in order, so a request may be sent before the replies of
     # earlier ones are read (`_later`): those replies are read first, in order, by whichever call comes next.
     def _call(self, parts: list[bytes], extra: float = 0.0) -> bytes:
-        with self._lock:
-            self._settle(None)
-            reply = self._read_reply(self._send_request(parts, extra))
-        return self._checked(reply)
+        return self._owed_reply(self._later(parts, extra))
 
     def _later(self, parts: list[bytes], extra: float = 0.0) -> _Owed:
-        """Send a request now; its reply is read by `_owed_reply(owed)` (or by any later call first)."""
+        """Send a request now; its reply is read by `_owed_reply(owed)` (or by any later call first).
+
+        Every request's reply is owed in the queue from before its first byte is sent: a call interrupted
+        (KeyboardInterrupt, a pod's SIGTERM) after sending leaves its reply to be read and set aside by the
+        next call, never taken by it as its own."""
         with self._lock:
-            owed = _Owed(self._send_request(parts, extra))
+            owed = _Owed((0.0, 0.0))  # a reply due at once: one still unsent when interrupted ends the link
             self._owed.append(owed)
+            try:
+                owed.due = self._send_request(parts, extra)
+            except BaseException as err:
+                if self._owed and self._owed[-1] is owed:
+                    self._owed.pop()
+                if isinstance(err, ValueError):
+                    raise  # refused before anything was sent (over a limit): nothing is owed
+                if not isinstance(err, StoreUnreachable):
+                    self._abandon()  # interrupted while sending: the stream's position is unknown
+                self._fail_owed(StoreUnreachable(f"the connection to the store at {self.address} broke in the "
+                                                 f"middle of a request ({type(err).__name__})"))
+                raise
         return owed
+
+    def _fail_owed(self, err: StoreUnreachable) -> None:
+        for left in self._owed:
+            left.error = err
+        self._owed.clear()
 
     def _owed_reply(self, owed: _Owed) -> bytes:
         with self._lock:
@@ -1061,9 +1079,7 @@ class StoreClient:
             try:
                 owed.reply = self._read_reply(owed.due)
             except StoreUnreachable as err:
-                for left in self._owed:
-                    left.error = err
-                self._owed.clear()
+                self._fail_owed(err)
                 if until is None:
                     raise
                 return
@@ -1124,7 +1140,15 @@ class StoreClient:
             return reply
         if reply[:1] == bytes((_REFUSED,)):
             raise ValueError(reply[1:].decode(errors="replace"))
-        raise StoreUnreachable(f"the store at {self.address} sent a malformed reply")
+        raise self._malformed()
+
+    def _malformed(self) -> StoreUnreachable:
+        """A reply of the wrong shape means the two ends are out of step: this connection is done."""
+        with self._lock:
+            self._abandon()
+            self._fail_owed(StoreUnreachable(f"the connection to the store at {self.address} is closed after a "
+                                             "malformed reply"))
+        return StoreUnreachable(f"the store at {self.address} sent a malformed reply")
 
     def _abandon(self) -> None:
         """After a failed call the stream's position is unknown: this client is done."""
@@ -1176,9 +1200,9 @@ class StoreClient:
         try:
             values = _blobs(reply, pos)
         except _ProtocolError as err:
-            raise StoreUnreachable(f"the store at {self.address} sent a malformed reply") from err
+            raise self._malformed() from err
         if len(values) != n:
-            raise StoreUnreachable(f"the store at {self.address} sent a malformed reply")
+            raise self._malformed()
         return values
 
     def check(self, keys: Sequence[str]) -> bool:

@@ -180,6 +180,7 @@ class TrainerJob:
         self.seq = 0
         #: Why the job is lost (gathers abandoned mid-way); every later send raises it.
         self.lost: TrainerJobError | None = None
+        self.lost_seq: int | None = None  # the sync it was lost in
         self._last_check = 0.0
 
     @property
@@ -222,17 +223,24 @@ class TrainerJob:
         """Rank 0 hosts the store: when its process leaves after the job was lost in a sync, keep the store
         up, briefly, until every other rank still connected has seen why (it posted its own failure of that
         sync), so that they name the rank at fault instead of only seeing the store vanish."""
-        if self.rank != 0 or self.lost is None or self.keys is None or not self.others:
+        if self.rank != 0 or self.lost is None or self.lost_seq is None or self.keys is None or not self.others:
             return
-        seq, others = self.seq - 1, self.others
+        seq, others, n = self.lost_seq, self.others, len(self.others)
         give_up = time.monotonic() + min(3.0, self.timeout)
         with contextlib.suppress(WeightSyncError):
             while time.monotonic() < give_up:
-                flags = self.keys.has([alive_key(r) for r in others] + [f"s{seq}/fail/{r}" for r in others])
-                alive, failed = flags[:len(others)], flags[len(others):]
-                if all(f or not a for a, f in zip(alive, failed, strict=True)):
+                flags = self.keys.has([alive_key(r) for r in others] + [f"s{seq}/fail/{r}" for r in others]
+                                      + [f"s{seq}/seen/{r}" for r in others])
+                alive, failed, seen = flags[:n], flags[n:2 * n], flags[2 * n:]
+                if all(f or s or not a for a, f, s in zip(alive, failed, seen, strict=True)):
                     return
                 time.sleep(0.02)
+
+    def _post_seen(self, seq: int) -> None:
+        """This rank learnt how sync `seq` failed (rank 0 may let its store go)."""
+        if self.keys is not None:
+            with contextlib.suppress(WeightSyncError):
+                self.keys.put(f"s{seq}/seen/{self.rank}", {})
 
     def close(self) -> None:
         if self.liveness is not None:
@@ -337,7 +345,7 @@ class TrainerJob:
             with contextlib.suppress(WeightSyncError):
                 self.keys.put(f"s{seq}/fail/{self.rank}", {"reason": str(named),
                                                            "culprits": list(named.trainer_ranks)})
-        self.lost = named
+        self.lost, self.lost_seq = named, seq
         return named
 
     # ------------------------------------------------------------------------------------ rank 0's side
@@ -410,8 +418,13 @@ class TrainerJob:
             return None
         except _Outcome:
             value = self.keys.get(outcome)
+            if not isinstance(value, dict) or not value.get("ok"):
+                self._post_seen(seq)
             return value if isinstance(value, dict) else {"ok": False, "error": "WeightSyncError",
                                                           "message": f"{what}: no readable outcome"}
+        except TrainerJobError:
+            self._post_seen(seq)
+            raise
         except TimeoutError:
             raise TrainerJobError(f"{what}: {self.describe(0)} neither started the gathers nor ended the sync "
                                   f"within the bound", (0,)) from None

@@ -233,6 +233,25 @@ def test_requests_sent_ahead_of_their_replies_are_answered_in_order(server: Stor
     writer.close()
 
 
+def test_a_call_interrupted_before_its_reply_leaves_the_next_call_its_own_reply(
+        client: StoreClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.multi_set([("a", b"value of a"), ("b", b"value of b")])
+    read_reply = StoreClient._read_reply
+    interrupted: list[bool] = []
+
+    def interrupt_once(self: StoreClient, due: tuple[float, float]) -> bytes:
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # a pod's SIGTERM or Ctrl-C, the request sent, its reply not read yet
+        return read_reply(self, due)
+
+    monkeypatch.setattr(StoreClient, "_read_reply", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        client.get("a")
+    assert client.get("b") == b"value of b"  # not a's reply, which is read first and set aside
+    assert client.multi_get(["a", "b"]) == [b"value of a", b"value of b"]
+
+
 def test_a_request_sent_ahead_fails_named_when_the_store_goes(server: StoreServer) -> None:
     client = connect(server.port)
     waiting = client.wait_get_later(["never"], 30.0)
