@@ -217,6 +217,14 @@ class SyncGroup:
                     abort = {}
                 if abort is None:
                     return None
+                if abort and abort.get("leaving") and epoch == self.epoch:
+                    # A member left while the group was idle (its pod is going): this send fails naming it,
+                    # as it would had the member died; the next one re-forms (at the operator's new epoch).
+                    self.broken = (epoch, self.formation)
+                    self._teardown_formation()
+                    by = int(abort.get("by", -1))
+                    raise PeerLostError(f"{self.describe(by)} left the group: {abort.get('reason', '')}",
+                                        ranks=(by,))
                 if abort:
                     log.warning("re-forming: %s", self._abort_message(abort, "the last sync"))
             self._teardown_formation()
@@ -542,8 +550,9 @@ class SyncGroup:
             reason = ("it is shutting down" if isinstance(err, (SystemExit, KeyboardInterrupt))
                       else str(err) or type(err).__name__)
             # Unknown culprit: say so (an empty list) rather than blame this member.
-            self._abort_pending = (self.keys.prefix, self.fkeys.abort, {"by": self.rank, "reason": reason,
-                                                                        "ranks": ranks})
+            self._abort_pending = (self.keys.prefix, self.fkeys.abort, {
+                "by": self.rank, "reason": reason, "ranks": ranks,
+                "leaving": isinstance(err, (SystemExit, KeyboardInterrupt))})
             abort = None if store_gone else self._post_pending_abort()  # a store not answering is told later
             if self.is_trainer and not store_gone:
                 with contextlib.suppress(WeightSyncError):  # members that missed the abort learn why here
