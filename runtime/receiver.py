@@ -108,10 +108,10 @@ class WeightReceiver(GroupMember):
         problems = self.group.transfer.differences(manifest.config)
         # The same tensor set into the same destination tensors, of the same shapes and dtypes, as last time
         # needs no second look.
-        identity: _Identity = (manifest.signature, id(into), *destinations)
         if not problems and same_destinations and self._validated is not None \
                 and self._validated[0] == manifest.signature:
             return problems
+        identity: _Identity = (manifest.signature, id(into), *destinations)
         for spec in manifest.tensors:
             if into is not None:
                 target = into.get(spec.name)

@@ -1033,29 +1033,34 @@ class StoreClient:
     # The server answers one connection's requests in order, so a request may be sent before the replies of
     # earlier ones are read (`_later`): those replies are read first, in order, by whichever call comes next.
     def _call(self, parts: list[bytes], extra: float = 0.0) -> bytes:
-        return self._owed_reply(self._later(parts, extra))
+        with self._lock:
+            owed = self._send_owed(parts, extra)
+            self._settle(owed)
+        return self._result(owed)
 
     def _later(self, parts: list[bytes], extra: float = 0.0) -> _Owed:
-        """Send a request now; its reply is read by `_owed_reply(owed)` (or by any later call first).
-
-        Every request's reply is owed in the queue from before its first byte is sent: a call interrupted
-        (KeyboardInterrupt, a pod's SIGTERM) after sending leaves its reply to be read and set aside by the
-        next call, never taken by it as its own."""
+        """Send a request now; its reply is read by `_owed_reply(owed)` (or by any later call first)."""
         with self._lock:
-            owed = _Owed((0.0, 0.0))  # a reply due at once: one still unsent when interrupted ends the link
-            self._owed.append(owed)
-            try:
-                owed.due = self._send_request(parts, extra)
-            except BaseException as err:
-                if self._owed and self._owed[-1] is owed:
-                    self._owed.pop()
-                if isinstance(err, ValueError):
-                    raise  # refused before anything was sent (over a limit): nothing is owed
-                if not isinstance(err, StoreUnreachable):
-                    self._abandon()  # interrupted while sending: the stream's position is unknown
-                self._fail_owed(StoreUnreachable(f"the connection to the store at {self.address} broke in the "
-                                                 f"middle of a request ({type(err).__name__})"))
-                raise
+            return self._send_owed(parts, extra)
+
+    def _send_owed(self, parts: list[bytes], extra: float) -> _Owed:
+        """Send one request, its reply owed in the queue from before its first byte is sent (the lock held):
+        a call interrupted (KeyboardInterrupt, a pod's SIGTERM) after sending leaves its reply to be read and
+        set aside by the next call, never taken by it as its own."""
+        owed = _Owed((0.0, 0.0))  # a reply due at once: one still unsent when interrupted ends the link
+        self._owed.append(owed)
+        try:
+            owed.due = self._send_request(parts, extra)
+        except BaseException as err:
+            if self._owed and self._owed[-1] is owed:
+                self._owed.pop()
+            if isinstance(err, ValueError):
+                raise  # refused before anything was sent (over a limit): nothing is owed
+            if not isinstance(err, StoreUnreachable):
+                self._abandon()  # interrupted while sending: the stream's position is unknown
+            self._fail_owed(StoreUnreachable(f"the connection to the store at {self.address} broke in the "
+                                             f"middle of a request ({type(err).__name__})"))
+            raise
         return owed
 
     def _fail_owed(self, err: StoreUnreachable) -> None:
@@ -1066,6 +1071,10 @@ class StoreClient:
     def _owed_reply(self, owed: _Owed) -> bytes:
         with self._lock:
             self._settle(owed)
+        return self._result(owed)
+
+    def _result(self, owed: _Owed) -> bytes:
+        """A settled request's reply, checked; or its failure."""
         if owed.error is not None:
             raise owed.error
         assert owed.reply is not None

@@ -5,8 +5,10 @@ Real processes over gloo: a trainer driven by commands and a long-lived receiver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,7 +36,10 @@ def _next(results: Any, rank: int, pending: dict[int, list[dict[str, Any]]]) -> 
     return pending[rank].pop(0)
 
 
-def test_a_sparse_tensor_under_a_known_name_is_refused_before_the_group_hears_of_it() -> None:
+@contextlib.contextmanager
+def trainer_and_engine() -> Iterator[tuple[Any, Any, Any, Any]]:
+    """A trainer sending on command and a receiver reporting every outcome until it holds v4: (results,
+    commands, trainer, engine)."""
     ctx = mp.get_context("spawn")
     results, commands = ctx.Queue(), ctx.Queue()
     envs = group_envs(replicas=1, workers_per_replica=1, timeout=30)
@@ -42,9 +47,16 @@ def test_a_sparse_tensor_under_a_known_name_is_refused_before_the_group_hears_of
     engine = ctx.Process(target=run_receiver_until, args=(envs[1], 0, COUNT, 4, results))
     trainer.start()
     engine.start()
+    try:
+        yield results, commands, trainer, engine
+    finally:
+        end_on_command(commands, trainer, engine)
+
+
+def test_a_sparse_tensor_under_a_known_name_is_refused_before_the_group_hears_of_it() -> None:
     victim = make_tensors(COUNT, 0)[sparse_victim(make_tensors(COUNT, 0))][0]
     pending: dict[int, list[dict[str, Any]]] = {}
-    try:
+    with trainer_and_engine() as (results, commands, trainer, engine):
         commands.put(0)
         first = _next(results, 0, pending)
         assert "error" not in first, first
@@ -68,20 +80,11 @@ def test_a_sparse_tensor_under_a_known_name_is_refused_before_the_group_hears_of
         report = json.loads(sent["report"])
         assert report["epoch"] == 0 and report["formation_seconds"] == 0, report
         assert got["pid"] == engine.pid and sent["pid"] == trainer.pid
-    finally:
-        end_on_command(commands, trainer, engine)
 
 
 def test_a_first_sync_with_a_mistake_is_refused_before_the_group_hears_of_it() -> None:
-    ctx = mp.get_context("spawn")
-    results, commands = ctx.Queue(), ctx.Queue()
-    envs = group_envs(replicas=1, workers_per_replica=1, timeout=30)
-    trainer = ctx.Process(target=run_trainer_on_command, args=(envs[0], COUNT, commands, results))
-    engine = ctx.Process(target=run_receiver_until, args=(envs[1], 0, COUNT, 4, results))
-    trainer.start()
-    engine.start()
     pending: dict[int, list[dict[str, Any]]] = {}
-    try:
+    with trainer_and_engine() as (results, commands, _, _):
         for version, variant, words in ((0, "triple", "item 0 is a tuple"), (1, "sparse", "sparse_coo"),
                                         (2, "csr", "sparse_csr"), (3, "duplicate", "appears twice")):
             commands.put((version, variant))
@@ -92,8 +95,6 @@ def test_a_first_sync_with_a_mistake_is_refused_before_the_group_hears_of_it() -
         sent, got = _next(results, 0, pending), _next(results, 1, pending)
         assert "error" not in sent and got["version"] == 4 and got["digest"] == sent["digest"], (sent, got)
         assert json.loads(sent["report"])["formation_seconds"] > 0  # the group formed only now
-    finally:
-        end_on_command(commands, trainer, engine)
 
 
 @pytest.mark.parametrize(("given", "words"), [
